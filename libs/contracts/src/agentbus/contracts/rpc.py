@@ -1,0 +1,190 @@
+"""Request/reply messages (core NATS request/reply with queue groups).
+
+Every reply has ``ok`` and ``error``: a handler that cannot serve a request says
+why in ``error`` instead of leaving the caller to time out.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .models import Contract, Usage
+
+TaskIdField = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The task this is about.")
+
+
+class Reply(Contract):
+    ok: bool = Field(True, description="False when the request could not be served.")
+    error: str | None = Field(None, description="Why it could not be served, for a person.")
+
+
+# --- sandbox -------------------------------------------------------------------------
+
+
+class Language(StrEnum):
+    PYTHON = "python"
+    BASH = "bash"
+
+
+class ExecOutcome(StrEnum):
+    OK = "ok"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    OOM_KILLED = "oom_killed"
+    OUTPUT_TRUNCATED = "output_truncated"
+
+
+class SandboxExecRequest(Contract):
+    task_id: str = TaskIdField
+    language: Language = Field(Language.PYTHON, description="Interpreter to run the code with.")
+    code: str = Field(max_length=100_000, description="Source code to run.")
+    stdin: str | None = Field(None, max_length=1_000_000, description="Standard input, if any.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    timeout_s: float = Field(30, gt=0, le=3600, description="Wall-clock limit of this run.")
+
+
+class SandboxExecReply(Reply):
+    exit_code: int | None = Field(None, description="Process exit code; None if it never ran.")
+    stdout: str = Field("", description="Standard output (capped).")
+    stderr: str = Field("", description="Standard error (capped).")
+    duration_ms: float = Field(0, ge=0, description="Wall time of the run.")
+    outcome: ExecOutcome = Field(ExecOutcome.ERROR, description="Typed result of the run.")
+
+
+class SandboxWriteFileRequest(Contract):
+    task_id: str = TaskIdField
+    path: str = Field(min_length=1, max_length=1024, description="Path inside the workspace.")
+    content: str = Field(max_length=10_000_000, description="File content (text).")
+
+
+class SandboxWriteFileReply(Reply):
+    path: str = Field("", description="Path written, relative to the workspace.")
+    size: int = Field(0, ge=0, description="Bytes written.")
+
+
+class SandboxReadFileRequest(Contract):
+    task_id: str = TaskIdField
+    path: str = Field(min_length=1, max_length=1024, description="Path inside the workspace.")
+    max_bytes: int = Field(1_000_000, gt=0, description="Most bytes to return.")
+
+
+class SandboxReadFileReply(Reply):
+    path: str = Field("", description="Path read, relative to the workspace.")
+    content: str = Field("", description="File content, decoded as UTF-8 with replacement.")
+    size: int = Field(0, ge=0, description="Full size of the file in bytes.")
+    truncated: bool = Field(False, description="True if only the first max_bytes are returned.")
+
+
+class SandboxListFilesRequest(Contract):
+    task_id: str = TaskIdField
+
+
+class FileInfo(Contract):
+    path: str = Field(description="Path relative to the workspace.")
+    size: int = Field(ge=0, description="Size in bytes.")
+
+
+class SandboxListFilesReply(Reply):
+    files: list[FileInfo] = Field(default_factory=list, description="Files in the workspace.")
+
+
+class SandboxDestroyRequest(Contract):
+    task_id: str = TaskIdField
+
+
+class SandboxDestroyReply(Reply):
+    destroyed: bool = Field(False, description="True if a container was removed.")
+
+
+# --- memory --------------------------------------------------------------------------
+
+
+class MemorySaveRequest(Contract):
+    text: str = Field(min_length=1, max_length=20_000, description="What to remember.")
+    kind: str = Field("fact", max_length=64, description="Kind of memory, e.g. fact, result.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form tags.")
+    task_id: str | None = Field(None, description="Task the memory came from, if any.")
+    source: str = Field("agent", max_length=200, description="Who saved it.")
+
+
+class MemorySaveReply(Reply):
+    memory_id: str | None = Field(None, description="Id of the stored memory.")
+
+
+class MemorySearchRequest(Contract):
+    query: str = Field(min_length=1, max_length=20_000, description="What to look for.")
+    k: int = Field(5, ge=1, le=100, description="Most results to return.")
+    kind: str | None = Field(None, description="Only memories of this kind.")
+    task_id: str | None = Field(None, description="Only memories of this task.")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="Only memories whose metadata contains these pairs."
+    )
+    min_score: float = Field(0.0, ge=-1, le=1, description="Least cosine similarity.")
+
+
+class MemoryHit(Contract):
+    memory_id: str = Field(description="Id of the memory.")
+    text: str = Field(description="The remembered text.")
+    kind: str = Field(description="Kind of memory.")
+    score: float = Field(description="Cosine similarity to the query, -1..1.")
+    task_id: str | None = Field(None, description="Task it came from.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Its tags.")
+
+
+class MemorySearchReply(Reply):
+    hits: list[MemoryHit] = Field(default_factory=list, description="Best matches first.")
+
+
+class TaskStatus(StrEnum):
+    SUBMITTED = "submitted"
+    PLANNED = "planned"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCEL_REQUESTED = "cancel_requested"
+    CANCELLED = "cancelled"
+
+
+class TaskSummary(Contract):
+    task_id: str = Field(description="Task id.")
+    goal: str = Field("", description="The task in plain words.")
+    status: TaskStatus = Field(description="Where the task stands.")
+    answer: str | None = Field(None, description="Final answer, once completed.")
+    error: str | None = Field(None, description="Failure reason, once failed.")
+    usage: Usage = Field(default_factory=Usage, description="LLM spend so far.")
+    created_at: datetime = Field(description="When the task was submitted.")
+    updated_at: datetime = Field(description="When the task last changed.")
+
+
+class StoredEvent(Contract):
+    seq: int = Field(description="Position in the task's history (stream sequence).")
+    event_id: str = Field(description="The event's id.")
+    type: str = Field(description="The event's type, e.g. step.completed.")
+    occurred_at: datetime = Field(description="When it happened.")
+    payload: dict[str, Any] = Field(description="The event as published.")
+
+
+class TaskHistoryRequest(Contract):
+    task_id: str = TaskIdField
+
+
+class TaskHistoryReply(Reply):
+    task: TaskSummary | None = Field(None, description="The task, or None if unknown.")
+    events: list[StoredEvent] = Field(default_factory=list, description="Events in order.")
+
+
+# --- health --------------------------------------------------------------------------
+
+
+class HealthRequest(Contract):
+    pass
+
+
+class HealthReply(Reply):
+    service: str = Field("", description="Service name.")
+    instance: str = Field("", description="Replica id (host and pid).")
+    status: Literal["ok", "degraded"] = Field("ok", description="Readiness of the replica.")

@@ -1,0 +1,347 @@
+"""The bus: broker factory, stream layout, event publishing, dead-lettering, RPC.
+
+Delivery rules (ARCHITECTURE.md, "The bus"):
+
+* lifecycle events go to the ``AGENTBUS_EVENTS`` stream with ``Nats-Msg-Id`` = event_id,
+  so JetStream drops duplicates inside its window;
+* each service reads them through durable pull consumers shared by all its replicas;
+* a handler error nacks the event with a growing delay (``AckPolicy.NACK_ON_ERROR``,
+  not FastStream's default, which terminates the message on the first error); after
+  ``max_deliver`` attempts, or at once for input that can never be handled, the event
+  goes to ``agentbus.dlq.<service>`` with the reason and is acked;
+* request/reply goes over core NATS with queue groups and explicit timeouts; a request
+  that cannot be handled gets an error reply instead of silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import nats.errors
+import structlog
+from faststream import AckPolicy
+from faststream.exceptions import NackMessage
+from faststream.middlewares import BaseMiddleware
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+from pydantic import BaseModel, ValidationError
+
+from agentbus.contracts import Event, HealthReply, HealthRequest, Reply, subjects, utcnow
+
+from .settings import BusSettings
+
+if TYPE_CHECKING:
+    from faststream._internal.context.repository import ContextRepo
+    from faststream.nats import NatsRouter
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+    from nats.js.api import PubAck
+    from opentelemetry.trace import TracerProvider
+
+log = structlog.get_logger(__name__)
+
+R = TypeVar("R", bound=Reply)
+
+_STRIP_HEADER_PREFIX = "Nats-"
+_MAX_DLQ_PAYLOAD = 512 * 1024
+
+
+class PoisonMessage(Exception):
+    """Raised by a handler for input that can never be handled: dead-letter it at once."""
+
+
+class RpcError(Exception):
+    """A request/reply call got no usable answer (nobody listening, timeout, bad reply)."""
+
+
+def instance_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# --- streams ---------------------------------------------------------------------------
+
+
+def stream_configs(settings: BusSettings) -> list[StreamConfig]:
+    day = 24 * 3600.0
+    return [
+        StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            description="agentbus task lifecycle events",
+            subjects=[subjects.EVENTS_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=settings.events_max_age_days * day,
+            duplicate_window=settings.duplicate_window_s,
+        ),
+        StreamConfig(
+            name=subjects.DLQ_STREAM,
+            description="agentbus dead letters: events no handler could process, with reasons",
+            subjects=[subjects.DLQ_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=settings.events_max_age_days * day,
+            duplicate_window=settings.duplicate_window_s,
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
+    """Create or update the streams; safe when many replicas start at once."""
+    for config in stream_configs(settings):
+        try:
+            await js.add_stream(config=config)
+        except BadRequestError as exc:
+            if exc.err_code != 10058:  # "stream name already in use with a different configuration"
+                raise
+            await js.update_stream(config=config)
+
+
+def events_stream() -> JStream:
+    """The events stream as FastStream sees it; we declare it ourselves in ensure_streams."""
+    return JStream(subjects.EVENTS_STREAM, declare=False)
+
+
+# --- dead letters ----------------------------------------------------------------------
+
+
+def _jsonable_body(body: bytes) -> dict[str, Any]:
+    body = body[:_MAX_DLQ_PAYLOAD]
+    try:
+        return {"payload": body.decode("utf-8"), "payload_encoding": "utf-8"}
+    except UnicodeDecodeError:
+        return {"payload": base64.b64encode(body).decode(), "payload_encoding": "base64"}
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in exc.errors()[:5]
+        )
+        return f"invalid message ({exc.error_count()} problem(s)): {problems}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _is_poison(exc: BaseException) -> bool:
+    return isinstance(exc, ValidationError | PoisonMessage | json.JSONDecodeError | UnicodeError)
+
+
+class DeadLetterPolicy:
+    """Builds the per-message middleware; ``attach`` gives it the broker to publish with."""
+
+    def __init__(self, service: str, settings: BusSettings) -> None:
+        self.service = service
+        self.settings = settings
+        self._broker: NatsBroker | None = None
+
+    def attach(self, broker: NatsBroker) -> None:
+        self._broker = broker
+
+    def __call__(self, msg: Any, /, *, context: ContextRepo) -> _DeadLetterMiddleware:
+        return _DeadLetterMiddleware(msg, context=context, policy=self)
+
+    def backoff(self, delivered: int) -> float:
+        return float(self.settings.retry_backoff_s * (2 ** max(0, delivered - 1)))
+
+    async def dead_letter(self, raw: Msg, exc: BaseException, delivered: int) -> None:
+        broker = self._broker
+        if broker is None:  # pragma: no cover - attach() is part of create_broker
+            raise RuntimeError("DeadLetterPolicy used before attach()")
+        meta = raw.metadata
+        headers = {
+            k: v for k, v in (raw.headers or {}).items() if not k.startswith(_STRIP_HEADER_PREFIX)
+        }
+        letter = {
+            "service": self.service,
+            "reason": describe_error(exc),
+            "error_type": type(exc).__name__,
+            "subject": raw.subject,
+            "stream": meta.stream,
+            "stream_seq": meta.sequence.stream,
+            "consumer": meta.consumer,
+            "deliveries": delivered,
+            "failed_at": utcnow().isoformat(),
+            "headers": headers,
+            **_jsonable_body(raw.data),
+        }
+        await broker.publish(
+            letter,
+            subjects.dlq_subject(self.service),
+            stream=subjects.DLQ_STREAM,
+            headers={
+                **headers,
+                "Nats-Msg-Id": f"dlq:{self.service}:{meta.stream}:{meta.sequence.stream}",
+            },
+        )
+        log.error(
+            "dead-lettered message",
+            subject=raw.subject,
+            reason=letter["reason"],
+            deliveries=delivered,
+            dlq=subjects.dlq_subject(self.service),
+        )
+
+    async def error_reply(self, raw: Msg, exc: BaseException) -> None:
+        broker = self._broker
+        if broker is None or not raw.reply:
+            return
+        reply = Reply(ok=False, error=describe_error(exc))
+        await broker.publish(reply.model_dump(mode="json"), raw.reply)
+        log.warning("rejected request", subject=raw.subject, error=reply.error)
+
+
+class _DeadLetterMiddleware(BaseMiddleware):
+    def __init__(self, msg: Any, /, *, context: ContextRepo, policy: DeadLetterPolicy) -> None:
+        super().__init__(msg, context=context)
+        self.policy = policy
+
+    async def after_processed(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_val: BaseException | None = None,
+        exc_tb: TracebackType | None = None,
+    ) -> bool | None:
+        raw = self.msg
+        if exc_val is None or isinstance(exc_val, asyncio.CancelledError) or raw is None:
+            return False
+        if not getattr(raw, "_ackd", True) and (raw.reply or "").startswith("$JS.ACK"):
+            delivered = raw.metadata.num_delivered
+            if _is_poison(exc_val) or delivered >= self.policy.settings.max_deliver:
+                await self.policy.dead_letter(raw, exc_val, delivered)
+                return True  # suppressed: the acknowledgement middleware acks it
+            log.warning(
+                "handler failed; will retry",
+                subject=raw.subject,
+                error=describe_error(exc_val),
+                delivery=delivered,
+                max_deliver=self.policy.settings.max_deliver,
+            )
+            raise NackMessage(delay=self.policy.backoff(delivered)) from exc_val
+        if getattr(raw, "reply", None):
+            await self.policy.error_reply(raw, exc_val)
+            return True
+        return False
+
+
+# --- broker ----------------------------------------------------------------------------
+
+
+def create_broker(
+    service: str,
+    settings: BusSettings,
+    *,
+    tracer_provider: TracerProvider | None = None,
+) -> NatsBroker:
+    """A NatsBroker with tracing and dead-lettering; connects when started."""
+    policy = DeadLetterPolicy(service, settings)
+    broker = NatsBroker(
+        settings.servers,
+        name=f"agentbus-{service}",
+        middlewares=[NatsTelemetryMiddleware(tracer_provider=tracer_provider), policy],
+        logger=structlog.get_logger("faststream"),
+        log_level=logging.DEBUG,  # per-message "Received/Processed" lines only at debug
+        max_reconnect_attempts=-1,
+    )
+    policy.attach(broker)
+    return broker
+
+
+def event_subscriber(
+    router: NatsBroker | NatsRouter,
+    event_type: type[Event],
+    *,
+    durable: str,
+    settings: BusSettings,
+    max_workers: int = 1,
+) -> Callable[[Any], Any]:
+    """Decorator: a durable pull consumer for one event type, shared by all replicas."""
+    return router.subscriber(
+        subjects.event_type_filter(event_type.event_type),
+        stream=events_stream(),
+        durable=durable,
+        pull_sub=PullSub(batch_size=max(1, max_workers), timeout=5.0),
+        config=ConsumerConfig(max_deliver=settings.max_deliver, ack_wait=settings.ack_wait_s),
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        max_workers=max_workers,
+    )
+
+
+async def publish_event(broker: NatsBroker, event: Event, *, timeout: float = 10.0) -> PubAck:
+    """Publish a lifecycle event durably, de-duplicated by its event_id."""
+    ack: PubAck = await broker.publish(
+        event.model_dump(mode="json"),
+        event.subject,
+        stream=subjects.EVENTS_STREAM,
+        headers={"Nats-Msg-Id": event.event_id},
+        timeout=timeout,
+    )
+    return ack
+
+
+async def rpc(
+    broker: NatsBroker,
+    subject: str,
+    request: BaseModel,
+    reply_type: type[R],
+    *,
+    timeout: float,
+) -> R:
+    """Request/reply with a typed reply. Raises RpcError when nobody answers usefully."""
+    try:
+        msg = await broker.request(request.model_dump(mode="json"), subject, timeout=timeout)
+    except nats.errors.NoRespondersError as exc:
+        raise RpcError(f"no service is answering {subject} (is it running?)") from exc
+    except TimeoutError as exc:
+        raise RpcError(f"no reply on {subject} within {timeout:g}s") from exc
+    try:
+        return reply_type.model_validate_json(msg.body)
+    except ValidationError as exc:
+        raise RpcError(f"bad reply on {subject}: {describe_error(exc)}") from exc
+
+
+def add_health_responder(
+    router: NatsBroker | NatsRouter,
+    service: str,
+    check: Callable[[], Any] | None = None,
+) -> None:
+    """Answer ``agentbus.rpc.<service>.health`` so clients can tell a replica is ready."""
+    me = instance_id()
+
+    @router.subscriber(subjects.health_subject(service), queue=f"agentbus-{service}-health")
+    async def health(_: HealthRequest) -> HealthReply:
+        ok = True
+        if check is not None:
+            result = check()
+            ok = bool(await result) if asyncio.iscoroutine(result) else bool(result)
+        return HealthReply(service=service, instance=me, status="ok" if ok else "degraded")
+
+
+@contextlib.asynccontextmanager
+async def keep_in_progress(message: Any, every_s: float) -> AsyncIterator[None]:
+    """Tell JetStream a long handler is still working, so the event is not redelivered."""
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            with contextlib.suppress(Exception):
+                await message.in_progress()
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,60 @@
+"""The LLM client: one provider interface, adapters per wire format, a replay provider."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..settings import LLMSettings
+from .base import ChatRequest, ChatResponse, LLMError, LLMProvider, Message, ToolCall, ToolSpec
+from .openai import OpenAIProvider
+from .pricing import Price, PriceTable
+from .replay import ReplayMismatch, ReplayProvider, Transcript
+
+NOT_CONFIGURED_HINT = """no LLM is configured. Point agentbus at an OpenAI-compatible endpoint:
+    export AGENTBUS_LLM_BASE_URL=https://api.openai.com/v1  # Ollama: http://localhost:11434/v1
+    export AGENTBUS_LLM_MODEL=gpt-4o-mini
+    export AGENTBUS_LLM_API_KEY=sk-...                        # if the endpoint needs one
+or run the offline demo, which replays a recorded model:
+    make demo          (or: agentbus run --replay examples/primes)"""
+
+
+def build_provider(settings: LLMSettings, role: Literal["planner", "executor"]) -> LLMProvider:
+    """The provider for one role; raises LLMError with a how-to when none is configured."""
+    prices = PriceTable.load(settings.prices_file)
+    kind = settings.resolved_provider
+    if kind == "replay":
+        if settings.replay_file is None:
+            raise LLMError("AGENTBUS_LLM_PROVIDER=replay needs AGENTBUS_LLM_REPLAY_FILE")
+        return ReplayProvider.from_file(settings.replay_file, prices)
+    if kind == "openai":
+        model = (settings.planner_model if role == "planner" else settings.executor_model) or (
+            settings.model
+        )
+        if not settings.base_url or not model:
+            raise LLMError(
+                "the OpenAI-compatible provider needs AGENTBUS_LLM_BASE_URL and AGENTBUS_LLM_MODEL"
+            )
+        key = settings.api_key.get_secret_value() if settings.api_key else None
+        return OpenAIProvider(
+            settings.base_url, api_key=key, model=model, prices=prices, timeout_s=settings.timeout_s
+        )
+    raise LLMError(NOT_CONFIGURED_HINT)
+
+
+__all__ = [
+    "NOT_CONFIGURED_HINT",
+    "ChatRequest",
+    "ChatResponse",
+    "LLMError",
+    "LLMProvider",
+    "Message",
+    "OpenAIProvider",
+    "Price",
+    "PriceTable",
+    "ReplayMismatch",
+    "ReplayProvider",
+    "ToolCall",
+    "ToolSpec",
+    "Transcript",
+    "build_provider",
+]

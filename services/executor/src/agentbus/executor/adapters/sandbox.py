@@ -1,0 +1,120 @@
+"""The task's workspace, reached through the sandbox service over NATS request/reply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from faststream.nats import NatsBroker
+
+from agentbus.contracts import (
+    ExecOutcome,
+    Language,
+    Reply,
+    SandboxExecReply,
+    SandboxExecRequest,
+    SandboxListFilesReply,
+    SandboxListFilesRequest,
+    SandboxReadFileReply,
+    SandboxReadFileRequest,
+    SandboxWriteFileReply,
+    SandboxWriteFileRequest,
+    subjects,
+)
+from agentbus.core.bus import RpcError, rpc
+
+from ..domain import ExecResult
+
+
+def _failed(reply: Reply) -> ExecResult:
+    return ExecResult(False, f"error: {reply.error or 'the sandbox refused the request'}")
+
+
+def format_exec(reply: SandboxExecReply) -> ExecResult:
+    parts = [f"exit code: {reply.exit_code}", f"outcome: {reply.outcome.value}"]
+    if reply.outcome is ExecOutcome.TIMEOUT:
+        parts.append("the run was killed at its time limit")
+    if reply.stdout:
+        parts.append(f"stdout:\n{reply.stdout}")
+    if reply.stderr:
+        parts.append(f"stderr:\n{reply.stderr}")
+    return ExecResult(reply.outcome is ExecOutcome.OK, "\n".join(parts))
+
+
+@dataclass
+class SandboxWorkspace:
+    broker: NatsBroker
+    task_id: str
+    rpc_timeout_s: float = 10.0
+
+    async def run(self, language: str, code: str, timeout_s: float) -> ExecResult:
+        request = SandboxExecRequest(
+            task_id=self.task_id, language=Language(language), code=code, timeout_s=timeout_s
+        )
+        try:
+            reply = await rpc(
+                self.broker,
+                subjects.SANDBOX_EXEC,
+                request,
+                SandboxExecReply,
+                timeout=timeout_s + self.rpc_timeout_s + 20,  # container start + run + margin
+            )
+        except RpcError as exc:
+            return ExecResult(False, f"error: the sandbox did not answer: {exc}")
+        return format_exec(reply) if reply.ok else _failed(reply)
+
+    async def write_file(self, path: str, content: str) -> ExecResult:
+        request = SandboxWriteFileRequest(task_id=self.task_id, path=path, content=content)
+        try:
+            reply = await rpc(
+                self.broker,
+                subjects.SANDBOX_WRITE_FILE,
+                request,
+                SandboxWriteFileReply,
+                timeout=self.rpc_timeout_s + 20,
+            )
+        except RpcError as exc:
+            return ExecResult(False, f"error: the sandbox did not answer: {exc}")
+        if not reply.ok:
+            return _failed(reply)
+        return ExecResult(True, f"wrote {reply.size} bytes to {reply.path}")
+
+    async def read_file(self, path: str) -> ExecResult:
+        request = SandboxReadFileRequest(task_id=self.task_id, path=path)
+        try:
+            reply = await rpc(
+                self.broker,
+                subjects.SANDBOX_READ_FILE,
+                request,
+                SandboxReadFileReply,
+                timeout=self.rpc_timeout_s + 20,
+            )
+        except RpcError as exc:
+            return ExecResult(False, f"error: the sandbox did not answer: {exc}")
+        if not reply.ok:
+            return _failed(reply)
+        note = f"\n[file is {reply.size} bytes; only the start is shown]" if reply.truncated else ""
+        return ExecResult(True, reply.content + note)
+
+    async def _list(self) -> SandboxListFilesReply:
+        return await rpc(
+            self.broker,
+            subjects.SANDBOX_LIST_FILES,
+            SandboxListFilesRequest(task_id=self.task_id),
+            SandboxListFilesReply,
+            timeout=self.rpc_timeout_s + 20,
+        )
+
+    async def list_files(self) -> ExecResult:
+        try:
+            reply = await self._list()
+        except RpcError as exc:
+            return ExecResult(False, f"error: the sandbox did not answer: {exc}")
+        if not reply.ok:
+            return _failed(reply)
+        if not reply.files:
+            return ExecResult(True, "the workspace is empty")
+        return ExecResult(True, "\n".join(f"{f.path}\t{f.size} bytes" for f in reply.files))
+
+    async def file_names(self) -> list[str]:
+        reply = await self._list()
+        return [f.path for f in reply.files] if reply.ok else []

@@ -1,0 +1,196 @@
+"""One step as an LLM tool-use loop. Plain Python: the LLM provider, the workspace and
+the progress callback are passed in."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from agentbus.contracts import PlanStep, ToolOutcome, Usage
+from agentbus.core.llm import ChatRequest, LLMError, LLMProvider, Message, ToolCall
+
+from .tools import (
+    TOOLS,
+    ExecResult,
+    FinishStep,
+    ReadFile,
+    RunPython,
+    RunShell,
+    Workspace,
+    WriteFile,
+    tool_specs,
+)
+
+SYSTEM = """You are an executor agent of agentbus. You carry out ONE step of a larger task.
+Use the tools to do the work: run_python and run_shell run code in a sandbox (no network)
+whose working directory is the task's workspace, shared by all steps; write_file, read_file
+and list_files work in that workspace. Check results rather than assuming them. When the
+step is done, call finish_step with what it produced (values, file names)."""
+
+
+@dataclass(frozen=True)
+class ToolEvent:
+    tool: str
+    summary: str
+    output: str
+    outcome: ToolOutcome
+    duration_ms: float
+
+
+@dataclass
+class StepResult:
+    ok: bool
+    output: str = ""
+    error: str = ""
+    usage: Usage = field(default_factory=Usage)
+    iterations: int = 0
+
+
+Progress = Callable[[ToolEvent], Awaitable[None]]
+
+
+def clip(text: str, limit: int) -> str:
+    """Keep head and tail of a long text and say how much was cut."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
+
+
+def step_prompt(goal: str, step: PlanStep, inputs: dict[str, str]) -> str:
+    parts = [
+        f"Task: {goal}",
+        f"Your step: {step.id} - {step.title}",
+        f"Instructions: {step.instructions}",
+    ]
+    if step.expected_output:
+        parts.append(f"Expected output: {step.expected_output}")
+    if inputs:
+        parts.append("Results of earlier steps:")
+        parts += [f"[{k}] {v}" for k, v in inputs.items()]
+    return "\n".join(parts)
+
+
+@dataclass
+class StepRunner:
+    llm: LLMProvider
+    workspace: Workspace
+    model: str = ""
+    max_iterations: int = 20
+    max_tokens: int = 2048
+    observation_limit: int = 8000
+
+    async def run(
+        self,
+        *,
+        goal: str,
+        step: PlanStep,
+        inputs: dict[str, str],
+        conversation: str,
+        task_id: str,
+        progress: Progress,
+    ) -> StepResult:
+        messages = [
+            Message(role="system", content=SYSTEM),
+            Message(role="user", content=step_prompt(goal, step, inputs)),
+        ]
+        usage = Usage()
+        specs = tool_specs()
+        for iteration in range(1, self.max_iterations + 1):
+            try:
+                reply = await self.llm.chat(
+                    ChatRequest(
+                        messages=messages,
+                        tools=specs,
+                        model=self.model,
+                        max_tokens=self.max_tokens,
+                        conversation=conversation,
+                        task_id=task_id,
+                    )
+                )
+            except LLMError as exc:
+                return StepResult(
+                    False, error=f"LLM call failed: {exc}", usage=usage, iterations=iteration
+                )
+            usage = usage + Usage.of(reply.model, reply.usage)
+            messages.append(reply.message)
+            if not reply.message.tool_calls:
+                # A plain answer with no tool call ends the step with that answer.
+                text = (reply.message.content or "").strip()
+                if text:
+                    return StepResult(True, output=text, usage=usage, iterations=iteration)
+                messages.append(
+                    Message(role="user", content="Use a tool, or call finish_step when done.")
+                )
+                continue
+            for call in reply.message.tool_calls:
+                if call.name == "finish_step":
+                    finished = self._finish(call)
+                    if finished is not None:
+                        return StepResult(True, output=finished, usage=usage, iterations=iteration)
+                observation = await self._run_tool(call, progress)
+                messages.append(
+                    Message(
+                        role="tool",
+                        tool_call_id=call.id,
+                        content=clip(observation, self.observation_limit),
+                    )
+                )
+        return StepResult(
+            False,
+            error=f"the step did not finish within {self.max_iterations} LLM turns",
+            usage=usage,
+            iterations=self.max_iterations,
+        )
+
+    @staticmethod
+    def _finish(call: ToolCall) -> str | None:
+        try:
+            return FinishStep.model_validate(call.arguments).result
+        except ValidationError:
+            return None  # _run_tool reports the problem back to the model
+
+    async def _run_tool(self, call: ToolCall, progress: Progress) -> str:
+        started = time.monotonic()
+        model = TOOLS.get(call.name)
+        if model is None:
+            result = ExecResult(
+                False, f"error: unknown tool {call.name!r}; use one of {', '.join(TOOLS)}"
+            )
+        else:
+            try:
+                args = model.model_validate(call.arguments)
+            except ValidationError as exc:
+                result = ExecResult(False, f"error: bad arguments for {call.name}: {exc}")
+            else:
+                result = await self._dispatch(args)
+        await progress(
+            ToolEvent(
+                tool=call.name,
+                summary=clip(json.dumps(call.arguments, ensure_ascii=False), 600),
+                output=clip(result.text, 600),
+                outcome=ToolOutcome.OK if result.ok else ToolOutcome.ERROR,
+                duration_ms=(time.monotonic() - started) * 1000,
+            )
+        )
+        return result.text
+
+    async def _dispatch(self, args: object) -> ExecResult:
+        ws = self.workspace
+        match args:
+            case RunPython(code=code, timeout_s=t):
+                return await ws.run("python", code, t)
+            case RunShell(command=command, timeout_s=t):
+                return await ws.run("bash", command, t)
+            case WriteFile(path=path, content=content):
+                return await ws.write_file(path, content)
+            case ReadFile(path=path):
+                return await ws.read_file(path)
+            case FinishStep():
+                return ExecResult(False, "error: finish_step needs a 'result' string")
+            case _:
+                return await ws.list_files()
