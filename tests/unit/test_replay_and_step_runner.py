@@ -11,11 +11,13 @@ from agentbus.core.llm import (
     ChatResponse,
     Message,
     PriceTable,
+    RecordingProvider,
     ReplayMismatch,
     ReplayProvider,
     ToolCall,
     ToolSpec,
     Transcript,
+    build_transcript,
 )
 from agentbus.executor.domain import ExecResult, StepRunner, ToolEvent, clip, tool_specs
 
@@ -245,3 +247,20 @@ def test_bundled_examples_are_valid_transcripts() -> None:
     for path in found:
         t = Transcript.model_validate(json.loads(path.read_text()))
         assert "planner/plan" in t.conversations and "planner/answer" in t.conversations
+
+
+async def test_a_recorded_run_replays_identically(tmp_path: Path) -> None:
+    source = transcript(
+        {
+            "executor/s1": [
+                calls(("write_file", {"path": "a.txt", "content": "hi"})),
+                calls(("finish_step", {"result": "wrote a.txt"})),
+            ]
+        }
+    )
+    recorder = RecordingProvider(source, tmp_path)
+    first, _ = await run_step(recorder, FakeWorkspace())  # type: ignore[arg-type]
+    recorded = build_transcript(tmp_path / "t", goal="g")
+    assert list(recorded.conversations) == ["executor/s1"]
+    again, _ = await run_step(ReplayProvider(recorded, PriceTable.load()), FakeWorkspace())
+    assert first.output == again.output == "wrote a.txt"  # type: ignore[attr-defined]

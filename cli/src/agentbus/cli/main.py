@@ -31,7 +31,7 @@ from agentbus.contracts import (
     subjects,
 )
 from agentbus.core.bus import RpcError
-from agentbus.core.llm import NOT_CONFIGURED_HINT, LLMError, Transcript
+from agentbus.core.llm import NOT_CONFIGURED_HINT, LLMError, Transcript, build_transcript
 from agentbus.core.settings import LLMSettings
 
 from . import client
@@ -132,14 +132,33 @@ async def _run(args: argparse.Namespace) -> int:
             "services use their own LLM settings",
             file=sys.stderr,
         )
+    if args.record:
+        if external:
+            print("agentbus: --record works with the embedded stack only", file=sys.stderr)
+            return 2
+        env["AGENTBUS_LLM_RECORD_DIR"] = str(Path(args.record).resolve() / "calls")
     budget = _budget(args)
     task = TaskSubmitted(task_id=new_id("tsk"), goal=goal, budget=budget, submitted_by="cli")
     try:
         async with bus(home, ALL_SERVICES, env) as (url, embedded), client.connect(url) as broker:
-            return await _submit_and_follow(broker, task, home, embedded)
+            code = await _submit_and_follow(broker, task, home, embedded)
     except StackError as exc:
         print(f"agentbus: the embedded stack did not start: {exc}", file=sys.stderr)
         return 3
+    if args.record:
+        calls = Path(env["AGENTBUS_LLM_RECORD_DIR"]) / task.task_id
+        await asyncio.to_thread(_save_recording, Path(args.record), calls, goal)
+    return code
+
+
+def _save_recording(folder: Path, calls: Path, goal: str) -> None:
+    out = folder / "transcript.json"
+    try:
+        out.write_text(build_transcript(calls, goal).model_dump_json(indent=1))
+    except FileNotFoundError as exc:
+        print(f"agentbus: nothing recorded: {exc}", file=sys.stderr)
+        return
+    print(f"recorded: {out} (replay with: agentbus run --replay {folder})")
 
 
 async def _submit_and_follow(
@@ -296,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--replay",
         metavar="PATH",
         help="replay a recorded example (dir or transcript.json) instead of calling an LLM",
+    )
+    run.add_argument(
+        "--record", metavar="DIR", help="record the LLM calls into DIR/transcript.json for --replay"
     )
     run.add_argument("--max-steps", type=int, help="most plan steps")
     run.add_argument("--max-tokens", type=int, help="most LLM tokens")

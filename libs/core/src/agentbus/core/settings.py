@@ -63,6 +63,9 @@ class LLMSettings(BaseSettings):
     planner_model: str = Field("", description="Model for planning (defaults to model).")
     executor_model: str = Field("", description="Model for steps (defaults to model).")
     replay_file: Path | None = Field(None, description="Recorded transcript to replay.")
+    record_dir: Path | None = Field(
+        None, description="Record every LLM call here in the replay format."
+    )
     timeout_s: float = Field(120, gt=0, description="Timeout of one LLM call.")
     max_tokens: int = Field(2048, gt=0, description="Most output tokens per call.")
     prices_file: Path | None = Field(None, description="JSON price table (USD per 1M tokens).")

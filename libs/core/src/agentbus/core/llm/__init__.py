@@ -8,6 +8,7 @@ from ..settings import LLMSettings
 from .base import ChatRequest, ChatResponse, LLMError, LLMProvider, Message, ToolCall, ToolSpec
 from .openai import OpenAIProvider
 from .pricing import Price, PriceTable
+from .recording import RecordingProvider, build_transcript
 from .replay import ReplayMismatch, ReplayProvider, Transcript
 
 NOT_CONFIGURED_HINT = """no LLM is configured. Point agentbus at an OpenAI-compatible endpoint:
@@ -20,6 +21,13 @@ or run the offline demo, which replays a recorded model:
 
 def build_provider(settings: LLMSettings, role: Literal["planner", "executor"]) -> LLMProvider:
     """The provider for one role; raises LLMError with a how-to when none is configured."""
+    provider = _base_provider(settings, role)
+    if settings.record_dir is not None:
+        return RecordingProvider(provider, settings.record_dir)
+    return provider
+
+
+def _base_provider(settings: LLMSettings, role: Literal["planner", "executor"]) -> LLMProvider:
     prices = PriceTable.load(settings.prices_file)
     kind = settings.resolved_provider
     if kind == "replay":
@@ -51,10 +59,12 @@ __all__ = [
     "OpenAIProvider",
     "Price",
     "PriceTable",
+    "RecordingProvider",
     "ReplayMismatch",
     "ReplayProvider",
     "ToolCall",
     "ToolSpec",
     "Transcript",
     "build_provider",
+    "build_transcript",
 ]
