@@ -136,7 +136,7 @@ async def _run(args: argparse.Namespace) -> int:
         if external:
             print("agentbus: --record works with the embedded stack only", file=sys.stderr)
             return 2
-        env["AGENTBUS_LLM_RECORD_DIR"] = str(Path(args.record).resolve() / "calls")
+        env["AGENTBUS_LLM_RECORD_DIR"] = _calls_dir(args.record)
     budget = _budget(args)
     task = TaskSubmitted(task_id=new_id("tsk"), goal=goal, budget=budget, submitted_by="cli")
     try:
@@ -149,6 +149,10 @@ async def _run(args: argparse.Namespace) -> int:
         calls = Path(env["AGENTBUS_LLM_RECORD_DIR"]) / task.task_id
         await asyncio.to_thread(_save_recording, Path(args.record), calls, goal)
     return code
+
+
+def _calls_dir(record: str) -> str:
+    return str(Path(record).resolve() / "calls")
 
 
 def _save_recording(folder: Path, calls: Path, goal: str) -> None:
