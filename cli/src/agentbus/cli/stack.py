@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,9 @@ class Postgres:
             ) from exc
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+            with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set"
+                warnings.simplefilter("ignore")
+                self.server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
         except Exception as exc:
             raise StackError(f"embedded Postgres did not start in {self.data_dir}: {exc}") from exc
         return self

@@ -125,6 +125,8 @@ def _jsonable_body(body: bytes) -> dict[str, Any]:
 
 
 def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, PoisonMessage):
+        return str(exc)
     if isinstance(exc, ValidationError):
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
@@ -258,6 +260,31 @@ def create_broker(
     return broker
 
 
+def durable_subscriber(
+    router: NatsBroker | NatsRouter,
+    subject_filter: str,
+    *,
+    durable: str,
+    settings: BusSettings,
+    max_workers: int = 1,
+    description: str | None = None,
+) -> Callable[[Any], Any]:
+    """Decorator: a durable pull consumer on the events stream, shared by all replicas.
+
+    Failed handlers are nacked (retried with backoff), not terminated; the dead-letter
+    middleware takes over after ``settings.max_deliver`` attempts."""
+    return router.subscriber(
+        subject_filter,
+        stream=events_stream(),
+        durable=durable,
+        pull_sub=PullSub(batch_size=max(1, max_workers), timeout=5.0),
+        config=ConsumerConfig(max_deliver=settings.max_deliver, ack_wait=settings.ack_wait_s),
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        max_workers=max_workers,
+        description=description,
+    )
+
+
 def event_subscriber(
     router: NatsBroker | NatsRouter,
     event_type: type[Event],
@@ -266,15 +293,14 @@ def event_subscriber(
     settings: BusSettings,
     max_workers: int = 1,
 ) -> Callable[[Any], Any]:
-    """Decorator: a durable pull consumer for one event type, shared by all replicas."""
-    return router.subscriber(
+    """Decorator: a durable consumer for one event type from every task."""
+    return durable_subscriber(
+        router,
         subjects.event_type_filter(event_type.event_type),
-        stream=events_stream(),
         durable=durable,
-        pull_sub=PullSub(batch_size=max(1, max_workers), timeout=5.0),
-        config=ConsumerConfig(max_deliver=settings.max_deliver, ack_wait=settings.ack_wait_s),
-        ack_policy=AckPolicy.NACK_ON_ERROR,
+        settings=settings,
         max_workers=max_workers,
+        description=(event_type.__doc__ or "").strip() or None,
     )
 
 

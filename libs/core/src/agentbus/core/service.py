@@ -51,9 +51,16 @@ class Service:
         return all(results)
 
     def app(
-        self, *, on_startup: Sequence[Hook] = (), on_shutdown: Sequence[Hook] = ()
+        self,
+        *,
+        on_startup: Sequence[Hook] = (),
+        on_shutdown: Sequence[Hook] = (),
+        after_shutdown: Sequence[Hook] = (),
     ) -> FastStream:
-        """The FastStream app: streams first, then the service's own start-up hooks."""
+        """The FastStream app: streams first, then the service's own start-up hooks.
+
+        ``on_shutdown`` runs while handlers may still be running; close what handlers
+        use (pools, clients) in ``after_shutdown``, which runs once the broker stopped."""
 
         async def declare_streams() -> None:
             await self.broker.connect()
@@ -67,7 +74,7 @@ class Service:
             logger=get_logger(f"agentbus.{self.name}"),
             on_startup=[declare_streams, *on_startup],
             on_shutdown=[*on_shutdown],
-            after_shutdown=[flush_traces],
+            after_shutdown=[*after_shutdown, flush_traces],
             specification=AsyncAPI(
                 title=f"agentbus {self.name}",
                 version="0.1.0",

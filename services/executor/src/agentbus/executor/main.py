@@ -39,7 +39,7 @@ def create_app(settings: Settings) -> FastStream:
         if deps.llm is not None:
             await deps.llm.aclose()
 
-    return service.app(on_startup=[open_adapters], on_shutdown=[close_adapters])
+    return service.app(on_startup=[open_adapters], after_shutdown=[close_adapters])
 
 
 def main() -> None:

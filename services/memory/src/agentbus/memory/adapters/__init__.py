@@ -1,0 +1,1 @@
+"""Adapters: the one place that touches asyncpg."""

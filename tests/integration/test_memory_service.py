@@ -1,0 +1,359 @@
+"""The memory service in-process against a real nats-server (JetStream) and a real
+Postgres + pgvector: events in through the stream, task history out over request/reply."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import nats.errors
+import pytest
+from faststream import FastStream, TestApp
+from faststream.nats import NatsBroker
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from agentbus.contracts import (
+    HealthReply,
+    HealthRequest,
+    ModelUsage,
+    PlanCreated,
+    PlanStep,
+    StepCompleted,
+    StepReady,
+    StepToolCalled,
+    TaskCompleted,
+    TaskHistoryReply,
+    TaskHistoryRequest,
+    TaskStatus,
+    TaskSubmitted,
+    Usage,
+    new_id,
+    subjects,
+)
+from agentbus.core.bus import create_broker, ensure_streams, publish_event, rpc
+from agentbus.core.settings import BusSettings
+from agentbus.memory import Settings, create_app
+from agentbus.memory.adapters.db import Database, migrations, run_migrations
+from agentbus.memory.handlers import answer_history
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+
+WAIT_S = 20.0
+
+
+# --- fixtures --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def memory(nats_url: str, database_url: str) -> AsyncIterator[FastStream]:
+    """The memory app, started in this process as ``agentbus-memory`` would start it."""
+    settings = Settings(
+        database_url=database_url,
+        bus=BusSettings(nats_url=nats_url, retry_backoff_s=0.1),
+    )
+    app = create_app(settings)
+    async with TestApp(app):
+        yield app
+
+
+@pytest.fixture(scope="module")
+async def broker(nats_url: str, memory: FastStream) -> AsyncIterator[NatsBroker]:
+    """A separate client broker, as the planner or the CLI would have."""
+    settings = BusSettings(nats_url=nats_url)
+    client = create_broker("memory-tests", settings)
+    await client.connect()
+    await ensure_streams(client.config.connection_state.stream, settings)
+    yield client
+    await client.stop()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+async def eventually(
+    fetch: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = WAIT_S
+) -> T:
+    """Poll ``fetch`` until ``done`` holds, failing with the last value after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await fetch()
+        if done(value):
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"not done within {timeout:g}s; last value: {value!r}")
+        await asyncio.sleep(0.05)
+
+
+async def history(broker: NatsBroker, task_id: str) -> TaskHistoryReply:
+    return await rpc(
+        broker,
+        subjects.MEMORY_TASK_HISTORY,
+        TaskHistoryRequest(task_id=task_id),
+        TaskHistoryReply,
+        timeout=5,
+    )
+
+
+async def settled(broker: NatsBroker, seq: int) -> None:
+    """Wait until memory's durable consumer has acked everything up to stream ``seq``."""
+    js = broker.config.connection_state.stream
+
+    async def ack_floor() -> int:
+        info = await js.consumer_info(subjects.EVENTS_STREAM, subjects.MEMORY_EVENTS_DURABLE)
+        return info.ack_floor.stream_seq if info.ack_floor else 0
+
+    await eventually(ack_floor, lambda floor: floor >= seq)
+
+
+async def dead_letters(js: JetStreamContext, subject: str) -> list[dict[str, Any]]:
+    """Letters in memory's dead-letter subject about messages published on ``subject``."""
+    sub = await js.subscribe(
+        subjects.dlq_subject("memory"), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    letters = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=0.5)
+            letter = json.loads(msg.data)
+            if letter["subject"] == subject:
+                letters.append(letter)
+    except nats.errors.TimeoutError:
+        return letters
+    finally:
+        await sub.unsubscribe()
+
+
+def usage(model: str, prompt: int, completion: int, calls: int, cost: float) -> Usage:
+    return Usage.of(
+        model,
+        ModelUsage(prompt_tokens=prompt, completion_tokens=completion, calls=calls, cost_usd=cost),
+    )
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+# --- tests -----------------------------------------------------------------------------
+
+
+async def test_task_history_holds_the_events_in_order_and_the_completed_task(
+    broker: NatsBroker, db: asyncpg.Connection
+) -> None:
+    task_id = new_id("tsk")
+    step = PlanStep(id="s1", title="count", instructions="count to three")
+    planning = usage("model-a", 100, 20, 1, 0.01)
+    stepping = usage("model-a", 300, 40, 2, 0.03)
+    total = planning + stepping + usage("model-b", 50, 10, 1, 0.005)  # + the answer call
+    submitted = TaskSubmitted(task_id=task_id, goal="count to three")
+    published = [
+        submitted,
+        PlanCreated(task_id=task_id, steps=[step], usage=planning),
+        StepReady(task_id=task_id, step=step, goal=submitted.goal),
+        StepToolCalled(task_id=task_id, step_id="s1", tool="run_python", summary="print(1,2,3)"),
+        StepCompleted(task_id=task_id, step_id="s1", output="1 2 3", usage=stepping),
+        TaskCompleted(task_id=task_id, answer="One, two, three.", usage=total),
+    ]
+    for event in published:
+        await publish_event(broker, event)
+
+    reply = await eventually(
+        lambda: history(broker, task_id),
+        lambda r: r.task is not None and r.task.status is TaskStatus.COMPLETED,
+    )
+
+    assert reply.ok and reply.error is None
+    assert [e.event_id for e in reply.events] == [e.event_id for e in published]
+    assert [e.type for e in reply.events] == [e.event_type for e in published]
+    seqs = [e.seq for e in reply.events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert reply.events[4].payload["output"] == "1 2 3"
+    task = reply.task
+    assert task is not None
+    assert task.goal == "count to three"
+    assert task.answer == "One, two, three."
+    assert task.usage == total  # the task's total, not the sum of every event's usage
+    assert task.usage.total.calls == 4
+    assert task.created_at == submitted.occurred_at
+    assert task.updated_at == published[-1].occurred_at
+
+    row = await db.fetchrow("SELECT plan, steps FROM tasks WHERE task_id = $1", task_id)
+    assert json.loads(row["plan"])["revision"] == 1
+    (step_row,) = json.loads(row["steps"])
+    assert step_row == {
+        "id": "s1",
+        "title": "count",
+        "status": "completed",
+        "attempt": 1,
+        "output": "1 2 3",
+        "error": None,
+    }
+
+
+async def test_a_redelivered_event_is_stored_once_and_its_usage_counted_once(
+    broker: NatsBroker,
+) -> None:
+    task_id = new_id("tsk")
+    spent = usage("model-a", 10, 5, 1, 0.001)
+    step_done = StepCompleted(task_id=task_id, step_id="s1", output="done", usage=spent)
+    await publish_event(broker, TaskSubmitted(task_id=task_id, goal="twice"))
+    first = await publish_event(broker, step_done)
+    await settled(broker, first.seq)  # stored and folded in before it comes again
+    # The same event again under another Nats-Msg-Id: JetStream's de-duplication does
+    # not catch it (as after its window, or a producer that re-sent it), memory must.
+    again = await broker.publish(
+        step_done.model_dump(mode="json"),
+        step_done.subject,
+        stream=subjects.EVENTS_STREAM,
+        headers={"Nats-Msg-Id": f"retry-{uuid.uuid4()}"},
+    )
+    assert not again.duplicate
+    await settled(broker, again.seq)
+
+    reply = await history(broker, task_id)
+    assert [e.type for e in reply.events] == ["task.submitted", "step.completed"]
+    assert reply.task is not None
+    assert reply.task.usage == spent
+
+
+async def test_bad_events_are_dead_lettered_with_a_reason_and_memory_keeps_serving(
+    broker: NatsBroker,
+) -> None:
+    task_id = new_id("bad")
+    subject = subjects.event_subject(task_id, "task.submitted")
+    await broker.publish(b"{this is not json", subject, stream=subjects.EVENTS_STREAM)
+    await broker.publish(
+        {"type": "task.submitted", "task_id": task_id, "budget": {"max_steps": -1}},
+        subject,
+        stream=subjects.EVENTS_STREAM,
+    )
+    good = TaskSubmitted(task_id=task_id, goal="published after two bad ones")
+    await publish_event(broker, good)
+
+    reply = await eventually(lambda: history(broker, task_id), lambda r: r.ok)
+    assert [e.event_id for e in reply.events] == [good.event_id]  # the bad ones are not stored
+    assert reply.task is not None and reply.task.goal == good.goal
+
+    js = broker.config.connection_state.stream
+    letters = await eventually(lambda: dead_letters(js, subject), lambda found: len(found) >= 2)
+    assert len(letters) == 2
+    by_payload = {letter["payload"]: letter for letter in letters}
+    not_json = by_payload["{this is not json"]
+    assert "body is not JSON" in not_json["reason"]
+    (invalid,) = (letter for p, letter in by_payload.items() if p != "{this is not json")
+    assert "invalid task.submitted event" in invalid["reason"]
+    assert "goal: Field required" in invalid["reason"]
+    assert "budget.max_steps" in invalid["reason"]
+    assert {letter["deliveries"] for letter in letters} == {1}  # at once, not after retries
+    assert {letter["service"] for letter in letters} == {"memory"}
+
+
+async def test_an_event_of_an_unknown_type_is_stored_as_it_came(broker: NatsBroker) -> None:
+    task_id, event_id = new_id("tsk"), new_id("evt")
+    newer = {
+        "type": "task.annotated",  # from a writer newer than this memory
+        "schema_version": 7,
+        "event_id": event_id,
+        "task_id": task_id,
+        "occurred_at": "2026-11-02T10:00:00+00:00",
+        "note": "kept, not understood",
+    }
+    await broker.publish(
+        newer,
+        subjects.event_subject(task_id, "task.annotated"),
+        stream=subjects.EVENTS_STREAM,
+        headers={"Nats-Msg-Id": event_id},
+    )
+    await publish_event(broker, TaskSubmitted(task_id=task_id, goal="after the unknown one"))
+
+    reply = await eventually(lambda: history(broker, task_id), lambda r: len(r.events) == 2)
+    unknown = reply.events[0]
+    assert unknown.type == "task.annotated"
+    assert unknown.event_id == event_id
+    assert unknown.payload == newer
+    assert unknown.occurred_at.isoformat() == "2026-11-02T10:00:00+00:00"
+    assert reply.task is not None and reply.task.status is TaskStatus.SUBMITTED
+
+
+async def test_history_of_an_unknown_task_says_so(broker: NatsBroker) -> None:
+    task_id = new_id("tsk")
+    reply = await history(broker, task_id)
+    assert not reply.ok
+    assert reply.error == f"unknown task {task_id}"
+    assert reply.task is None and reply.events == []
+
+
+async def test_a_malformed_history_request_gets_an_error_reply(broker: NatsBroker) -> None:
+    msg = await broker.request(
+        {"task_id": "not a valid id!"}, subjects.MEMORY_TASK_HISTORY, timeout=5
+    )
+    reply = TaskHistoryReply.model_validate_json(msg.body)
+    assert not reply.ok
+    assert reply.error is not None and "task_id" in reply.error
+
+
+async def test_a_database_failure_gives_an_error_reply_not_a_crash(database_url: str) -> None:
+    database = await Database.open(database_url, connect_retries=0)
+    assert await database.ping()
+    await database.close()  # every query now fails, as with a lost database
+
+    assert not await database.ping()
+    reply = await answer_history(database, new_id("tsk"))
+    assert not reply.ok
+    assert reply.error is not None and reply.error.startswith("cannot read task history: ")
+
+
+async def test_health_reports_ready_when_the_database_answers(broker: NatsBroker) -> None:
+    reply = await rpc(
+        broker, subjects.health_subject("memory"), HealthRequest(), HealthReply, timeout=5
+    )
+    assert reply.service == "memory"
+    assert reply.status == "ok"
+
+
+async def test_migrations_apply_once_even_when_run_concurrently(database_url: str) -> None:
+    admin = await asyncpg.connect(database_url)
+    name = f"mig_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        dsn = with_database(database_url, name)
+        expected = [m.version for m in migrations()]
+
+        runs = await asyncio.gather(*(run_migrations(dsn) for _ in range(3)))
+        assert sorted(runs, key=len) == [[], [], expected]  # one replica applied them
+        assert await run_migrations(dsn) == []  # and again later: nothing to do
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+            tables = await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+            )
+            vector = await conn.fetchval("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
+        finally:
+            await conn.close()
+        assert [r["version"] for r in rows] == expected
+        assert {r["tablename"] for r in tables} >= {"events", "tasks", "schema_migrations"}
+        assert vector == 1
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
