@@ -29,6 +29,7 @@ from agentbus.contracts import (
     new_id,
     parse_event,
     subjects,
+    utcnow,
 )
 from agentbus.core.bus import RpcError
 from agentbus.core.llm import NOT_CONFIGURED_HINT, LLMError, Transcript, build_transcript
@@ -173,7 +174,7 @@ async def _submit_and_follow(
     interrupted = asyncio.Event()
     loop.add_signal_handler(signal.SIGINT, interrupted.set)
     cancel_sent = False
-    await client.submit(broker, task)
+    await client.submit(broker, task.model_copy(update={"occurred_at": utcnow()}))
     outcome = None
     try:
         events = client.follow(broker, task.task_id, timeout=task.budget.max_wall_seconds + 60)

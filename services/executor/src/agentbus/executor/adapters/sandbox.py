@@ -113,7 +113,10 @@ class SandboxWorkspace:
             return _failed(reply)
         if not reply.files:
             return ExecResult(True, "the workspace is empty")
-        return ExecResult(True, "\n".join(f"{f.path}\t{f.size} bytes" for f in reply.files))
+        listing = "\n".join(f"{f.path}\t{f.size} bytes" for f in reply.files)
+        if reply.truncated:
+            listing += f"\n[listing cut at {len(reply.files)} files]"
+        return ExecResult(True, listing)
 
     async def file_names(self) -> list[str]:
         reply = await self._list()

@@ -75,6 +75,19 @@ def step_prompt(goal: str, step: PlanStep, inputs: dict[str, str]) -> str:
     return "\n".join(parts)
 
 
+def describe_call(call: ToolCall) -> str:
+    """What a person following the task wants to see of a tool call: the code or command
+    run, the path touched; the raw arguments otherwise."""
+    args = call.arguments
+    for key in ("code", "command"):
+        if isinstance(args.get(key), str):
+            return str(args[key])
+    if isinstance(args.get("path"), str):
+        size = f" ({len(args['content'])} chars)" if isinstance(args.get("content"), str) else ""
+        return f"{args['path']}{size}"
+    return json.dumps(args, ensure_ascii=False)
+
+
 @dataclass
 class StepRunner:
     llm: LLMProvider
@@ -171,7 +184,7 @@ class StepRunner:
         await progress(
             ToolEvent(
                 tool=call.name,
-                summary=clip(json.dumps(call.arguments, ensure_ascii=False), 600),
+                summary=clip(describe_call(call), 600),
                 output=clip(result.text, 600),
                 outcome=ToolOutcome.OK if result.ok else ToolOutcome.ERROR,
                 duration_ms=(time.monotonic() - started) * 1000,

@@ -31,7 +31,8 @@ class RunShell(ToolArgs):
 
 
 class WriteFile(ToolArgs):
-    """Write a text file in the task's workspace (parent directories are created)."""
+    """Write a text file in the task's workspace (parent directories are created). Use it
+    for long programs too, then run them with run_shell (python3 prog.py)."""
 
     path: str = Field(description="Path relative to the workspace, e.g. out/result.txt.")
     content: str = Field(description="The full text content.")

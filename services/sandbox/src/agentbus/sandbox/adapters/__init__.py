@@ -1,0 +1,1 @@
+"""Adapters of the sandbox service: the Docker engine."""

@@ -1,0 +1,629 @@
+"""The Docker engine: the only module that imports aiodocker.
+
+One container per task, found by the label ``agentbus.task_id=<id>`` so every
+replica on the same engine finds the same container; created on first use, reused
+by every step, removed when the task ends. Agent code and every file operation run
+inside it through ``docker exec`` as uid 65534; nothing agent-controlled is ever
+opened on the host side (see :mod:`agentbus.sandbox.domain`).
+
+Container hardening (each line is a wall the code inside has to get through):
+
+* ``NetworkMode: none``: a loopback interface only, no route anywhere;
+* ``User 65534:65534``, ``CapDrop: ALL``, ``no-new-privileges``: no root, no
+  capabilities, no setuid escalation;
+* ``ReadonlyRootfs`` with a small ``nosuid,nodev`` tmpfs on /tmp: only /workspace
+  (the task's own bind mount) and /tmp are writable;
+* ``Memory`` = ``MemorySwap`` (no swap), ``NanoCpus``, ``PidsLimit``, a ``nofile``
+  ulimit: a fork bomb or a memory hog hurts only its own container;
+* ``Init``: docker-init is PID 1 and reaps what killed runs leave behind;
+* every run sits under ``timeout -s KILL`` inside the container, in a wrapper that
+  kills whatever the run left running (``domain.RUN_SCRIPT``), plus an outer
+  asyncio deadline here; if that safety net ever fires, the container is removed
+  (it is recreated on the next call; the workspace files stay on the host).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+import structlog
+
+from agentbus.contracts import (
+    ExecOutcome,
+    FileInfo,
+    Language,
+    SandboxExecReply,
+    SandboxListFilesReply,
+    SandboxReadFileReply,
+    SandboxWriteFileReply,
+    subjects,
+)
+
+from .. import domain
+from ..domain import (
+    SANDBOX_GID,
+    SANDBOX_UID,
+    SANDBOX_USER,
+    WORKSPACE,
+    OutputCap,
+    SandboxConfig,
+    SandboxError,
+    SandboxUnavailable,
+)
+
+log = structlog.get_logger(__name__)
+
+LABEL_ROLE = "agentbus.role"
+ROLE = "sandbox"
+LABEL_TASK = "agentbus.task_id"
+LABEL_ROOT = "agentbus.workspace_root"
+NAME_PREFIX = "agentbus-sbx-"
+
+_STREAM_STDOUT = 1  # 2 is stderr
+_CREATE_ATTEMPTS = 4
+_FEED_POLL_S = 0.2
+_REPLY_JSON_BUDGET = 768 * 1024  # leaves room under NATS's default 1 MB max_payload
+
+
+@dataclass
+class _Box:
+    """A task's container as this replica knows it."""
+
+    container: Any  # aiodocker.containers.DockerContainer
+    oom_kills: int | None  # the cgroup's oom_kill counter when last looked at
+
+
+@dataclass
+class _Run:
+    exit_code: int | None
+    stdout: OutputCap
+    stderr: OutputCap
+    duration_s: float
+    safety_net_fired: bool
+
+
+@contextlib.contextmanager
+def _docker_errors(what: str) -> Iterator[None]:
+    """Turn engine errors into SandboxError / SandboxUnavailable with a clear reason."""
+    try:
+        yield
+    except SandboxError:
+        raise
+    except aiodocker.DockerError as exc:
+        raise SandboxError(
+            f"{what} failed: Docker engine said ({exc.status}) {exc.message}"
+        ) from exc
+    except (aiohttp.ClientConnectionError, OSError) as exc:
+        raise SandboxUnavailable(f"{what} failed: cannot reach the Docker engine: {exc}") from exc
+    except TimeoutError as exc:
+        raise SandboxUnavailable(
+            f"{what} failed: the Docker engine did not answer in time"
+        ) from exc
+
+
+def _stdin_transport(stream: Any) -> Any:
+    """The hijacked connection's transport, to half-close the exec's stdin.
+
+    aiodocker's ``Stream.close()`` closes both directions, so to send EOF to the
+    process while still reading its output we ``write_eof()`` on the transport
+    ourselves (checked against aiodocker 0.27; fails loudly if that ever changes).
+    """
+    response = getattr(stream, "_resp", None)
+    connection = getattr(response, "connection", None)
+    transport = getattr(connection, "transport", None)
+    if transport is None or not transport.can_write_eof():
+        raise SandboxError("cannot send stdin to the sandbox with this aiodocker version")
+    return transport
+
+
+class DockerSandbox:
+    """Sandbox containers on one Docker engine; build with :meth:`open`."""
+
+    def __init__(self, docker: Any, config: SandboxConfig) -> None:
+        self._docker = docker
+        self.config = config
+        self._root = str(config.workspace_root.resolve())
+        self._boxes: dict[str, _Box] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- life cycle ------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, config: SandboxConfig, docker_url: str | None = None) -> DockerSandbox:
+        """Connect and check the engine answers and the image exists.
+
+        Raises SandboxUnavailable with what to do: there is no unsandboxed fallback.
+        """
+        hint = "run `make setup` (or `make sandbox-image` once Docker is running)"
+        try:
+            docker = aiodocker.Docker(
+                url=docker_url, timeout=aiohttp.ClientTimeout(total=120, connect=10)
+            )
+        except (AssertionError, ValueError, OSError) as exc:  # no socket found, bad URL
+            raise SandboxUnavailable(f"no Docker engine found ({exc!r}); {hint}") from exc
+        sandbox = cls(docker, config)
+        where = docker_url or os.environ.get("DOCKER_HOST") or "the local Docker socket"
+        try:
+            try:
+                async with asyncio.timeout(15):
+                    await docker.version()
+            except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise SandboxUnavailable(
+                    f"the Docker engine ({where}) does not answer ({exc}); {hint}"
+                ) from exc
+            try:
+                await docker.images.inspect(config.image)
+            except aiodocker.DockerError as exc:
+                if exc.status != 404:
+                    raise SandboxUnavailable(f"cannot inspect image {config.image}: {exc}") from exc
+                raise SandboxUnavailable(
+                    f"the sandbox image {config.image} is not on the Docker engine ({where}); "
+                    "build it with `make sandbox-image` (part of "
+                    "`make setup`). agentbus never runs agent code outside a container."
+                ) from exc
+        except BaseException:
+            await docker.close()
+            raise
+        return sandbox
+
+    async def close(self) -> None:
+        await self._docker.close()
+
+    async def ping(self) -> bool:
+        """Readiness: the engine answers within 5 s."""
+        try:
+            async with asyncio.timeout(5):
+                await self._docker.version()
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError):
+            return False
+        return True
+
+    async def reap(self, *, include_running: bool) -> int:
+        """Remove sandbox containers of this workspace root left by earlier runs.
+
+        With ``include_running`` False only stopped ones go: running ones may belong to
+        another live replica sharing this engine. Returns how many were removed.
+        """
+        filters = {"label": [f"{LABEL_ROLE}={ROLE}", f"{LABEL_ROOT}={self._root}"]}
+        removed = 0
+        with _docker_errors("listing leftover sandboxes"):
+            containers = await self._docker.containers.list(all=True, filters=filters)
+        for container in containers:
+            if not include_running and container["State"] == "running":
+                continue
+            with contextlib.suppress(aiodocker.DockerError):
+                await container.delete(force=True)
+                removed += 1
+        return removed
+
+    # --- containers ------------------------------------------------------------------
+
+    def _container_config(self, task_id: str) -> dict[str, Any]:
+        cfg = self.config
+        memory = cfg.memory_mb * 1024 * 1024
+        return {
+            "Image": cfg.image,
+            "Cmd": ["sleep", "infinity"],
+            "User": SANDBOX_USER,
+            "WorkingDir": WORKSPACE,
+            "Env": [f"{k}={v}" for k, v in domain.BASE_ENV.items()],
+            "Labels": {LABEL_ROLE: ROLE, LABEL_TASK: task_id, LABEL_ROOT: self._root},
+            "NetworkDisabled": True,
+            "HostConfig": {
+                # docker-init (tini) as PID 1 reaps the orphans a kill at the time limit
+                # leaves; under a bare `sleep` they stay zombies and eat the pids limit.
+                "Init": True,
+                "NetworkMode": "none",
+                "Memory": memory,
+                "MemorySwap": memory,  # equal to Memory: no swap
+                "NanoCpus": int(cfg.cpus * 1e9),
+                "PidsLimit": cfg.pids_limit,
+                "ReadonlyRootfs": True,
+                "Tmpfs": {domain.SANDBOX_TMP: f"rw,nosuid,nodev,size={cfg.tmp_size_mb}m"},
+                "SecurityOpt": ["no-new-privileges:true"],
+                "CapDrop": ["ALL"],
+                "Ulimits": [{"Name": "nofile", "Soft": cfg.nofile, "Hard": cfg.nofile}],
+                "Mounts": [
+                    {
+                        "Type": "bind",
+                        "Source": str(self._workspace_dir(task_id)),
+                        "Target": WORKSPACE,
+                        "ReadOnly": False,
+                    }
+                ],
+                "RestartPolicy": {"Name": "no"},
+            },
+        }
+
+    def _workspace_dir(self, task_id: str) -> Path:
+        return Path(self._root) / subjects.check_token(task_id)
+
+    def _prepare_workspace(self, task_id: str) -> None:
+        """Create the task's host workspace, owned by the sandbox user.
+
+        Only the directory itself is touched here (it was just created or already
+        belongs to this task); its contents are never opened from the host.
+        """
+        path = self._workspace_dir(task_id)
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            os.chown(path, SANDBOX_UID, SANDBOX_GID)
+        except PermissionError:
+            path.chmod(0o777)
+            log.warning(
+                "cannot chown the workspace to the sandbox user (not root?); made it "
+                "world-writable instead",
+                path=str(path),
+            )
+
+    async def _find(self, task_id: str) -> list[Any]:
+        filters = {"label": [f"{LABEL_ROLE}={ROLE}", f"{LABEL_TASK}={task_id}"]}
+        containers: list[Any] = await self._docker.containers.list(all=True, filters=filters)
+        return containers
+
+    async def _oom_kills(self, container: Any) -> int | None:
+        """The container cgroup's OOM-kill counter; None if it cannot be read."""
+        try:
+            execution = await self._start_exec(container, domain.OOM_COUNTER_ARGV)
+            run = await self._collect(execution, deadline_s=10, cap=4096)
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, SandboxError):
+            return None
+        return domain.parse_oom_kills(run.stdout.data)
+
+    async def _find_or_create(self, task_id: str) -> _Box:
+        for attempt in range(_CREATE_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(0.2 * attempt)
+            for found in await self._find(task_id):
+                state = found["State"]
+                if state == "running":
+                    return _Box(found, await self._oom_kills(found))
+                if state in {"created", "exited"}:
+                    try:
+                        await found.start()
+                    except aiodocker.DockerError:
+                        log.warning("restarting a stopped sandbox failed; recreating it")
+                    else:
+                        return _Box(found, await self._oom_kills(found))
+                with contextlib.suppress(aiodocker.DockerError):
+                    await found.delete(force=True)
+            await asyncio.to_thread(self._prepare_workspace, task_id)
+            started = time.monotonic()
+            try:
+                container = await self._docker.containers.create(
+                    self._container_config(task_id), name=f"{NAME_PREFIX}{task_id}"
+                )
+            except aiodocker.DockerError as exc:
+                if exc.status == 409:  # another replica is creating (or removing) it
+                    continue
+                raise
+            try:
+                await container.start()
+            except aiodocker.DockerError:
+                with contextlib.suppress(aiodocker.DockerError):
+                    await container.delete(force=True)
+                raise
+            log.info(
+                "sandbox created",
+                container=container.id[:12],
+                seconds=round(time.monotonic() - started, 3),
+            )
+            return _Box(container, 0)
+        raise SandboxError(f"could not get a sandbox container after {_CREATE_ATTEMPTS} tries")
+
+    async def _box(self, task_id: str) -> _Box:
+        box = self._boxes.get(task_id)
+        if box is not None:
+            return box
+        lock = self._locks.setdefault(task_id, asyncio.Lock())
+        async with lock:
+            box = self._boxes.get(task_id)
+            if box is None:
+                with _docker_errors("starting the sandbox"):
+                    box = await self._find_or_create(task_id)
+                self._boxes[task_id] = box
+            return box
+
+    async def destroy(self, task_id: str) -> bool:
+        """Remove the task's container (force). The host workspace stays: it holds the
+        task's artifacts for the user."""
+        self._boxes.pop(task_id, None)
+        self._locks.pop(task_id, None)
+        removed = False
+        with _docker_errors("removing the sandbox"):
+            for container in await self._find(task_id):
+                try:
+                    await container.delete(force=True)
+                    removed = True
+                except aiodocker.DockerError as exc:
+                    if exc.status not in {404, 409}:  # gone, or removal already under way
+                        raise
+        if removed:
+            log.info("sandbox removed")
+        return removed
+
+    # --- exec --------------------------------------------------------------------------
+
+    async def _start_exec(
+        self,
+        container: Any,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bool = False,
+    ) -> Any:
+        """Create (not yet start) an exec of argv as the sandbox user in /workspace."""
+        return await container.exec(
+            list(argv),
+            user=SANDBOX_USER,
+            environment=dict(env) if env is not None else None,
+            workdir=WORKSPACE,
+            stdin=stdin,
+        )
+
+    async def _collect(
+        self, execution: Any, *, deadline_s: float, cap: int, stdin: bytes | None = None
+    ) -> _Run:
+        """Start the exec and collect its capped output and exit code.
+
+        ``deadline_s`` is the safety net around everything; the command itself carries
+        its own ``timeout -s KILL``.
+        """
+        out, err = OutputCap(cap), OutputCap(cap)
+        started = time.monotonic()
+        fired = False
+
+        async def feed(stream: Any, data: bytes) -> None:
+            transport = _stdin_transport(stream)
+            with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
+                await stream.write_in(data)
+                transport.write_eof()
+
+        async def drain(stream: Any) -> None:
+            while (message := await stream.read_out()) is not None:
+                (out if message.stream == _STREAM_STDOUT else err).feed(message.data)
+
+        async def watch(feeding: asyncio.Task[None], draining: asyncio.Task[None]) -> None:
+            # Only commands that read stdin to EOF (cat) get stdin, but one may die before
+            # reading it all (cannot fork, bad path). Docker's stdin copy then blocks, and
+            # the output stream with it, forever: once the process is gone, stop both.
+            while not feeding.done():
+                await asyncio.sleep(_FEED_POLL_S)
+                if feeding.done() or (await execution.inspect()).get("Running"):
+                    continue
+                await asyncio.wait({draining}, timeout=0.5)
+                feeding.cancel()
+                draining.cancel()
+
+        try:
+            async with asyncio.timeout(deadline_s), execution.start(detach=False) as stream:
+                if stdin is None:
+                    await drain(stream)
+                else:
+                    try:
+                        async with asyncio.TaskGroup() as group:
+                            feeding = group.create_task(feed(stream, stdin))
+                            draining = group.create_task(drain(stream))
+                            group.create_task(watch(feeding, draining))
+                    except ExceptionGroup as failed:
+                        raise failed.exceptions[0] from None
+        except TimeoutError:
+            fired = True
+        duration = time.monotonic() - started
+        exit_code: int | None = None
+        if not fired:
+            # The stream can end a moment before the exec is reaped. If the container was
+            # removed meanwhile (destroy), the exit code is unknown: None.
+            with contextlib.suppress(aiodocker.DockerError):
+                for _ in range(50):
+                    info = await execution.inspect()
+                    if not info.get("Running"):
+                        exit_code = info.get("ExitCode")
+                        break
+                    await asyncio.sleep(0.02)
+        return _Run(exit_code, out, err, duration, fired)
+
+    async def _run(
+        self,
+        task_id: str,
+        argv: Sequence[str],
+        *,
+        deadline_s: float,
+        cap: int,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+    ) -> tuple[_Box, _Run]:
+        """Exec in the task's container, creating it if needed.
+
+        If the container this replica remembered was removed or stopped meanwhile, the
+        exec cannot even be created: forget it and retry once with a fresh one. Once an
+        exec exists it is never retried, so code never runs twice.
+        """
+        for attempt in (1, 2):
+            box = await self._box(task_id)
+            try:
+                with _docker_errors("running in the sandbox"):
+                    try:
+                        execution = await self._start_exec(
+                            box.container, argv, env=env, stdin=stdin is not None
+                        )
+                    except aiodocker.DockerError as exc:
+                        if attempt == 1 and exc.status in {404, 409}:
+                            self._boxes.pop(task_id, None)
+                            continue
+                        raise
+                    run = await self._collect(
+                        execution, deadline_s=deadline_s, cap=cap, stdin=stdin
+                    )
+            except SandboxError:
+                self._boxes.pop(task_id, None)
+                raise
+            if run.safety_net_fired:
+                log.error(
+                    "sandbox run outlived its deadline; removing the container",
+                    deadline_s=deadline_s,
+                )
+                await self.destroy(task_id)
+            return box, run
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- operations ---------------------------------------------------------------------
+
+    async def run_code(
+        self,
+        task_id: str,
+        *,
+        language: Language,
+        code: str,
+        timeout_s: float | None,
+        env: Mapping[str, str],
+        stdin: str | None,
+    ) -> SandboxExecReply:
+        """Run code under the time, memory and output limits; the typed outcome says how
+        it ended. OOM detection is best effort: a run SIGKILLed before its limit counts
+        as ``oom_killed`` when the container cgroup's ``oom_kill`` counter went up (or
+        cannot be read); processes inside an exec do not mark the container OOMKilled."""
+        limit, note = domain.clamp_timeout(timeout_s, self.config)
+        full_env = domain.check_env(env)
+        staged = domain.stdin_file() if stdin is not None else None
+        argv = domain.code_argv(language, code, limit, staged)
+        if stdin is not None and staged is not None:
+            await self._stage_stdin(task_id, staged, stdin.encode("utf-8", "surrogatepass"))
+        box, run = await self._run(
+            task_id,
+            argv,
+            deadline_s=limit + self.config.safety_margin_s,
+            cap=self.config.max_output_bytes,
+            env=full_env,
+        )
+        oom = False
+        if run.exit_code == domain.EXIT_KILLED and run.duration_s < limit:
+            with contextlib.suppress(SandboxError, aiodocker.DockerError, aiohttp.ClientError):
+                count = await self._oom_kills(box.container)
+                oom = count is None or box.oom_kills is None or count > box.oom_kills
+                box.oom_kills = count
+        truncated = run.stdout.truncated or run.stderr.truncated
+        outcome = domain.classify(
+            run.exit_code,
+            run.duration_s,
+            limit,
+            safety_net_fired=run.safety_net_fired,
+            oom_killed=oom,
+            truncated=truncated,
+        )
+        notes = [note] if note else []
+        if outcome is ExecOutcome.OOM_KILLED:
+            notes.append(
+                f"[sandbox: killed for exceeding the {self.config.memory_mb} MB memory limit]"
+            )
+        stdout, stdout_cut = domain.fit_json(run.stdout.text(), _REPLY_JSON_BUDGET // 2)
+        stderr, stderr_cut = domain.fit_json(run.stderr.text(), _REPLY_JSON_BUDGET // 2)
+        if stdout_cut or stderr_cut:  # binary output: escaping made it too big for one reply
+            notes.append("[sandbox: output cut further to fit in the reply]")
+            if outcome in {ExecOutcome.OK, ExecOutcome.ERROR}:
+                outcome = ExecOutcome.OUTPUT_TRUNCATED
+        stderr = "\n".join(part for part in (stderr, *notes) if part)
+        log.info(
+            "ran code",
+            language=language.value,
+            exit_code=run.exit_code,
+            outcome=outcome.value,
+            duration_ms=round(run.duration_s * 1000, 1),
+        )
+        return SandboxExecReply(
+            exit_code=run.exit_code,
+            stdout=stdout,
+            stderr=stderr,
+            duration_ms=round(run.duration_s * 1000, 3),
+            outcome=outcome,
+        )
+
+    async def _stage_stdin(self, task_id: str, path: str, data: bytes) -> None:
+        limit = self.config.file_op_timeout_s
+        _, run = await self._run(
+            task_id,
+            domain.stage_stdin_argv(path, limit),
+            deadline_s=limit + self.config.safety_margin_s,
+            cap=8192,
+            stdin=data,
+        )
+        if run.exit_code != 0:
+            reason = domain.describe_failure(run.stderr.data, run.stdout.data, run.exit_code)
+            raise SandboxError(f"could not pass stdin to the run: {reason}")
+
+    async def write_file(self, task_id: str, path: str, content: str) -> SandboxWriteFileReply:
+        """Write a file as the sandbox user from inside the container (parents created).
+
+        Data goes through the exec's stdin to ``cat``, not ``put_archive``: the
+        archive API extracts as root on the daemon side, where a symlink swapped in by
+        agent code races the daemon's path checks; ``cat`` as uid 65534 inside the
+        container cannot write anywhere but /workspace and /tmp.
+        """
+        relative = domain.workspace_path(path)
+        data = content.encode("utf-8", "surrogatepass")
+        limit = self.config.file_op_timeout_s
+        _, run = await self._run(
+            task_id,
+            domain.write_argv(relative, limit),
+            deadline_s=limit + self.config.safety_margin_s,
+            cap=8192,
+            stdin=data,
+        )
+        if run.exit_code != 0:
+            reason = domain.describe_failure(run.stderr.data, run.stdout.data, run.exit_code)
+            raise SandboxError(f"could not write {relative}: {reason}")
+        return SandboxWriteFileReply(path=relative, size=len(data))
+
+    async def read_file(self, task_id: str, path: str, max_bytes: int) -> SandboxReadFileReply:
+        """Read up to ``max_bytes`` (and at most the service's ``max_read_bytes``)."""
+        relative = domain.workspace_path(path)
+        wanted = min(max_bytes, self.config.max_read_bytes)
+        limit = self.config.file_op_timeout_s
+        _, run = await self._run(
+            task_id,
+            domain.read_argv(relative, wanted, limit),
+            deadline_s=limit + self.config.safety_margin_s,
+            cap=wanted + 64,
+        )
+        if run.exit_code != 0:
+            reason = domain.describe_failure(run.stderr.data, run.stdout.data, run.exit_code)
+            raise SandboxError(f"could not read {relative}: {reason}")
+        size, content = domain.parse_read_output(run.stdout.data)
+        text, cut = domain.fit_json(content.decode("utf-8", "replace"), _REPLY_JSON_BUDGET)
+        return SandboxReadFileReply(
+            path=relative, content=text, size=size, truncated=cut or len(content) < size
+        )
+
+    async def list_files(self, task_id: str) -> SandboxListFilesReply:
+        """Regular files under /workspace with their sizes, sorted by path.
+
+        At most ``max_list_files`` entries (and ``max_list_bytes`` of names) come back,
+        so the reply fits in one NATS message; a cut listing is logged.
+        """
+        limit = self.config.file_op_timeout_s
+        _, run = await self._run(
+            task_id,
+            domain.list_argv(limit),
+            deadline_s=limit + self.config.safety_margin_s,
+            cap=self.config.max_list_bytes,
+        )
+        if run.exit_code not in {0, 1}:  # 1: some directory was unreadable; keep the rest
+            reason = domain.describe_failure(run.stderr.data, run.stdout.data, run.exit_code)
+            raise SandboxError(f"could not list the workspace: {reason}")
+        files = domain.parse_file_list(run.stdout.data, complete=not run.stdout.truncated)
+        cut = run.stdout.truncated or len(files) > self.config.max_list_files
+        if cut:
+            log.warning("workspace listing cut", shown=min(len(files), self.config.max_list_files))
+            files = files[: self.config.max_list_files]
+        return SandboxListFilesReply(
+            files=[FileInfo(path=p, size=s) for p, s in files], truncated=cut
+        )
