@@ -36,16 +36,8 @@ done
 
 image_exists() { docker image inspect "$IMAGE" >/dev/null 2>&1; }
 
-# Install Debian packages, refreshing the package lists only when needed.
-apt_install() {
-    export DEBIAN_FRONTEND=noninteractive
-    if compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null &&
-        apt-get install -y -q "$@"; then
-        return 0
-    fi
-    apt-get update -q
-    apt-get install -y -q "$@"
-}
+# shellcheck source=../scripts/apt.sh
+source "$HERE/../scripts/apt.sh"
 
 # The image must run untrusted code offline, read-only, as nobody.
 verify() {

@@ -21,16 +21,8 @@ die() { echo "ensure-docker: ERROR: $*" >&2; exit 1; }
 
 engine_up() { docker info >/dev/null 2>&1; }
 
-# Install Debian packages, refreshing the package lists only when needed.
-apt_install() {
-    export DEBIAN_FRONTEND=noninteractive
-    if compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null &&
-        apt-get install -y -q "$@"; then
-        return 0
-    fi
-    apt-get update -q
-    apt-get install -y -q "$@"
-}
+# shellcheck source=apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 if command -v docker >/dev/null 2>&1 && engine_up; then
     say "engine already running (server $(docker version --format '{{.Server.Version}}' 2>/dev/null || echo '?'))"

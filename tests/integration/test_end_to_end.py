@@ -4,14 +4,12 @@ provider standing in for the LLM."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiodocker
-import nats.errors
 import pytest
 from faststream.nats import NatsBroker
 
@@ -26,6 +24,7 @@ from agentbus.contracts import (
     new_id,
     subjects,
 )
+from tests.support import dead_letters, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -58,16 +57,6 @@ async def run_task(broker: NatsBroker, goal: str = GOAL) -> list[Event]:
     task = TaskSubmitted(task_id=new_id("tsk"), goal=goal)
     await client.submit(broker, task)
     return [e async for e in client.follow(broker, task.task_id, timeout=120)]
-
-
-async def wait_for(predicate, timeout: float = 30.0, every: float = 0.2):  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await predicate()
-        if result or loop.time() > deadline:
-            return result
-        await asyncio.sleep(every)
 
 
 async def test_example_task_runs_end_to_end(stack: EmbeddedStack, broker: NatsBroker) -> None:
@@ -110,12 +99,11 @@ async def test_example_task_runs_end_to_end(stack: EmbeddedStack, broker: NatsBr
     assert completed == ["s1", "s2"]
 
     # Memory holds the task's full history, in order.
-    async def stored() -> list[str] | None:
+    async def stored() -> list[str]:
         reply = await client.history(broker, task_id)
-        types = [e.type for e in reply.events]
-        return types if reply.ok and types and types[-1] == "task.completed" else None
+        return [e.type for e in reply.events] if reply.ok else []
 
-    types = await wait_for(stored)
+    types = await eventually(stored, lambda t: bool(t) and t[-1] == "task.completed")
     assert types == [e.event_type for e in events]
     assert types[:3] == ["task.submitted", "task.plan_created", "step.ready"]
     reply = await client.history(broker, task_id)
@@ -132,7 +120,7 @@ async def test_example_task_runs_end_to_end(stack: EmbeddedStack, broker: NatsBr
             )
         return not found
 
-    assert await wait_for(no_container), "the sandbox container outlived its task"
+    await eventually(no_container, bool)  # the sandbox container must not outlive its task
 
 
 async def test_malformed_events_are_dead_lettered_and_service_keeps_serving(
@@ -151,32 +139,14 @@ async def test_malformed_events_are_dead_lettered_and_service_keeps_serving(
     assert isinstance(events[-1], TaskCompleted)
 
     js = broker.config.connection_state.stream
-
-    async def planner_letters() -> list[dict[str, object]]:
-        sub = await js.subscribe(subjects.dlq_subject("planner"), ordered_consumer=True)
-        letters = []
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=0.5)
-                letter = json.loads(msg.data)
-                if letter["subject"] == subject:
-                    letters.append(letter)
-        except nats.errors.TimeoutError:
-            return letters
-        finally:
-            await sub.unsubscribe()
-
-    letters = await wait_for(lambda: _at_least(planner_letters, 2))
+    letters = await eventually(
+        lambda: dead_letters(js, "planner", subject), lambda found: len(found) >= 2
+    )
     assert letters, "the malformed events did not reach agentbus.dlq.planner"
     reasons = sorted(str(letter["reason"]) for letter in letters)
     assert all(r.startswith("invalid message") for r in reasons)
     assert any("goal: Field required" in r for r in reasons)
     assert {letter["payload"] for letter in letters} >= {"{this is not json"}
-
-
-async def _at_least(fetch, n: int):  # type: ignore[no-untyped-def]
-    found = await fetch()
-    return found if len(found) >= n else None
 
 
 async def test_unplannable_task_fails_with_a_reason(broker: NatsBroker) -> None:

@@ -7,18 +7,16 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import nats.errors
 import pytest
 from faststream import FastStream, TestApp
 from faststream.nats import NatsBroker
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
 
+from agentbus.cli import client
 from agentbus.contracts import (
     HealthReply,
     HealthRequest,
@@ -30,18 +28,18 @@ from agentbus.contracts import (
     StepToolCalled,
     TaskCompleted,
     TaskHistoryReply,
-    TaskHistoryRequest,
     TaskStatus,
     TaskSubmitted,
     Usage,
     new_id,
     subjects,
 )
-from agentbus.core.bus import create_broker, ensure_streams, publish_event, rpc
+from agentbus.core.bus import publish_event, rpc
 from agentbus.core.settings import BusSettings
 from agentbus.memory import Settings, create_app
 from agentbus.memory.adapters.db import Database, migrations, run_migrations
 from agentbus.memory.handlers import answer_history
+from tests.support import dead_letters, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -68,12 +66,8 @@ async def memory(nats_url: str, database_url: str) -> AsyncIterator[FastStream]:
 @pytest.fixture(scope="module")
 async def broker(nats_url: str, memory: FastStream) -> AsyncIterator[NatsBroker]:
     """A separate client broker, as the planner or the CLI would have."""
-    settings = BusSettings(nats_url=nats_url)
-    client = create_broker("memory-tests", settings)
-    await client.connect()
-    await ensure_streams(client.config.connection_state.stream, settings)
-    yield client
-    await client.stop()
+    async with client.connect(nats_url) as connected:
+        yield connected
 
 
 @pytest.fixture
@@ -86,31 +80,6 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 # --- helpers ---------------------------------------------------------------------------
 
 
-async def eventually(
-    fetch: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = WAIT_S
-) -> T:
-    """Poll ``fetch`` until ``done`` holds, failing with the last value after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await fetch()
-        if done(value):
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"not done within {timeout:g}s; last value: {value!r}")
-        await asyncio.sleep(0.05)
-
-
-async def history(broker: NatsBroker, task_id: str) -> TaskHistoryReply:
-    return await rpc(
-        broker,
-        subjects.MEMORY_TASK_HISTORY,
-        TaskHistoryRequest(task_id=task_id),
-        TaskHistoryReply,
-        timeout=5,
-    )
-
-
 async def settled(broker: NatsBroker, seq: int) -> None:
     """Wait until memory's durable consumer has acked everything up to stream ``seq``."""
     js = broker.config.connection_state.stream
@@ -120,24 +89,6 @@ async def settled(broker: NatsBroker, seq: int) -> None:
         return info.ack_floor.stream_seq if info.ack_floor else 0
 
     await eventually(ack_floor, lambda floor: floor >= seq)
-
-
-async def dead_letters(js: JetStreamContext, subject: str) -> list[dict[str, Any]]:
-    """Letters in memory's dead-letter subject about messages published on ``subject``."""
-    sub = await js.subscribe(
-        subjects.dlq_subject("memory"), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-    )
-    letters = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=0.5)
-            letter = json.loads(msg.data)
-            if letter["subject"] == subject:
-                letters.append(letter)
-    except nats.errors.TimeoutError:
-        return letters
-    finally:
-        await sub.unsubscribe()
 
 
 def usage(model: str, prompt: int, completion: int, calls: int, cost: float) -> Usage:
@@ -176,7 +127,7 @@ async def test_task_history_holds_the_events_in_order_and_the_completed_task(
         await publish_event(broker, event)
 
     reply = await eventually(
-        lambda: history(broker, task_id),
+        lambda: client.history(broker, task_id),
         lambda r: r.task is not None and r.task.status is TaskStatus.COMPLETED,
     )
 
@@ -228,7 +179,7 @@ async def test_a_redelivered_event_is_stored_once_and_its_usage_counted_once(
     assert not again.duplicate
     await settled(broker, again.seq)
 
-    reply = await history(broker, task_id)
+    reply = await client.history(broker, task_id)
     assert [e.type for e in reply.events] == ["task.submitted", "step.completed"]
     assert reply.task is not None
     assert reply.task.usage == spent
@@ -248,12 +199,14 @@ async def test_bad_events_are_dead_lettered_with_a_reason_and_memory_keeps_servi
     good = TaskSubmitted(task_id=task_id, goal="published after two bad ones")
     await publish_event(broker, good)
 
-    reply = await eventually(lambda: history(broker, task_id), lambda r: r.ok)
+    reply = await eventually(lambda: client.history(broker, task_id), lambda r: r.ok)
     assert [e.event_id for e in reply.events] == [good.event_id]  # the bad ones are not stored
     assert reply.task is not None and reply.task.goal == good.goal
 
     js = broker.config.connection_state.stream
-    letters = await eventually(lambda: dead_letters(js, subject), lambda found: len(found) >= 2)
+    letters = await eventually(
+        lambda: dead_letters(js, "memory", subject), lambda found: len(found) >= 2
+    )
     assert len(letters) == 2
     by_payload = {letter["payload"]: letter for letter in letters}
     not_json = by_payload["{this is not json"]
@@ -284,7 +237,7 @@ async def test_an_event_of_an_unknown_type_is_stored_as_it_came(broker: NatsBrok
     )
     await publish_event(broker, TaskSubmitted(task_id=task_id, goal="after the unknown one"))
 
-    reply = await eventually(lambda: history(broker, task_id), lambda r: len(r.events) == 2)
+    reply = await eventually(lambda: client.history(broker, task_id), lambda r: len(r.events) == 2)
     unknown = reply.events[0]
     assert unknown.type == "task.annotated"
     assert unknown.event_id == event_id
@@ -295,7 +248,7 @@ async def test_an_event_of_an_unknown_type_is_stored_as_it_came(broker: NatsBrok
 
 async def test_history_of_an_unknown_task_says_so(broker: NatsBroker) -> None:
     task_id = new_id("tsk")
-    reply = await history(broker, task_id)
+    reply = await client.history(broker, task_id)
     assert not reply.ok
     assert reply.error == f"unknown task {task_id}"
     assert reply.task is None and reply.events == []

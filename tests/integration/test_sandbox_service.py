@@ -19,6 +19,7 @@ import pytest
 from faststream import FastStream, TestApp
 from faststream.nats import NatsBroker
 
+from agentbus.cli.client import connect
 from agentbus.contracts import (
     ExecOutcome,
     Language,
@@ -37,7 +38,7 @@ from agentbus.contracts import (
     new_id,
     subjects,
 )
-from agentbus.core.bus import create_broker, ensure_streams, publish_event, rpc
+from agentbus.core.bus import publish_event, rpc
 from agentbus.core.settings import BusSettings
 from agentbus.sandbox import Settings, create_app
 from agentbus.sandbox.domain import SandboxUnavailable
@@ -134,12 +135,8 @@ async def service(
 
 @pytest.fixture(scope="module")
 async def client(nats_url: str, service: FastStream) -> AsyncIterator[NatsBroker]:
-    bus = BusSettings(nats_url=nats_url)
-    broker = create_broker("sandbox-test-client", bus)
-    await broker.connect()
-    await ensure_streams(broker.config.connection_state.stream, bus)
-    yield broker
-    await broker.stop()
+    async with connect(nats_url) as broker:
+        yield broker
 
 
 async def call(

@@ -33,6 +33,7 @@ from agentbus.contracts import (
     StepCompleted,
     StepFailed,
     StepReady,
+    StepToolCalled,
     TaskCancelled,
     TaskCancelRequested,
     TaskCompleted,
@@ -354,18 +355,7 @@ def in_order(current: TaskProjection | None, seq: int) -> bool:
 
 def _changes_projection(event: Event) -> bool:
     # StepToolCalled is progress for people following along; it changes nothing here.
-    return isinstance(
-        event,
-        TaskSubmitted
-        | PlanCreated
-        | StepReady
-        | StepCompleted
-        | StepFailed
-        | TaskCompleted
-        | TaskFailed
-        | TaskCancelRequested
-        | TaskCancelled,
-    )
+    return not isinstance(event, StepToolCalled)
 
 
 def _transition(p: TaskProjection, event: Event) -> TaskProjection:

@@ -547,18 +547,23 @@ class DockerSandbox:
             outcome=outcome,
         )
 
-    async def _stage_stdin(self, task_id: str, path: str, data: bytes) -> None:
+    async def _feed(self, task_id: str, argv: list[str], data: bytes, what: str) -> None:
+        """Run a short file operation that reads ``data`` on its stdin; raise on failure."""
         limit = self.config.file_op_timeout_s
         _, run = await self._run(
             task_id,
-            domain.stage_stdin_argv(path, limit),
+            argv,
             deadline_s=limit + self.config.safety_margin_s,
             cap=8192,
             stdin=data,
         )
         if run.exit_code != 0:
             reason = domain.describe_failure(run.stderr.data, run.stdout.data, run.exit_code)
-            raise SandboxError(f"could not pass stdin to the run: {reason}")
+            raise SandboxError(f"could not {what}: {reason}")
+
+    async def _stage_stdin(self, task_id: str, path: str, data: bytes) -> None:
+        argv = domain.stage_stdin_argv(path, self.config.file_op_timeout_s)
+        await self._feed(task_id, argv, data, "pass stdin to the run")
 
     async def write_file(self, task_id: str, path: str, content: str) -> SandboxWriteFileReply:
         """Write a file as the sandbox user from inside the container (parents created).
@@ -570,17 +575,8 @@ class DockerSandbox:
         """
         relative = domain.workspace_path(path)
         data = content.encode("utf-8", "surrogatepass")
-        limit = self.config.file_op_timeout_s
-        _, run = await self._run(
-            task_id,
-            domain.write_argv(relative, limit),
-            deadline_s=limit + self.config.safety_margin_s,
-            cap=8192,
-            stdin=data,
-        )
-        if run.exit_code != 0:
-            reason = domain.describe_failure(run.stderr.data, run.stdout.data, run.exit_code)
-            raise SandboxError(f"could not write {relative}: {reason}")
+        argv = domain.write_argv(relative, self.config.file_op_timeout_s)
+        await self._feed(task_id, argv, data, f"write {relative}")
         return SandboxWriteFileReply(path=relative, size=len(data))
 
     async def read_file(self, task_id: str, path: str, max_bytes: int) -> SandboxReadFileReply:

@@ -1,0 +1,49 @@
+"""Helpers shared by the integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from agentbus.contracts import subjects
+
+T = TypeVar("T")
+
+
+async def eventually(
+    fetch: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float = 30.0
+) -> T:
+    """Poll ``fetch`` until ``done`` holds, failing with the last value after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await fetch()
+        if done(value):
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"not done within {timeout:g}s; last value: {value!r}")
+        await asyncio.sleep(0.05)
+
+
+async def dead_letters(js: JetStreamContext, service: str, subject: str) -> list[dict[str, Any]]:
+    """Letters in ``service``'s dead-letter subject about messages published on ``subject``."""
+    sub = await js.subscribe(
+        subjects.dlq_subject(service), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    letters = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=0.5)
+            letter = json.loads(msg.data)
+            if letter["subject"] == subject:
+                letters.append(letter)
+    except nats.errors.TimeoutError:
+        return letters
+    finally:
+        await sub.unsubscribe()
