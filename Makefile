@@ -15,7 +15,7 @@ PACKAGES := libs/contracts libs/core services/planner services/executor services
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 SERVICES := planner executor sandbox memory
 
-.PHONY: setup install docker sandbox-image demo run up test check lint typecheck asyncapi clean
+.PHONY: setup install docker sandbox-image demo run up test check lint typecheck asyncapi bench clean
 
 ## setup: virtualenv with every package, Docker engine running, sandbox image built
 setup: install sandbox-image
@@ -67,6 +67,10 @@ asyncapi: install
 		$(BIN)/faststream docs gen --factory agentbus.$$s.main:asyncapi_app -o docs/asyncapi/$$s.json >/dev/null || exit 1; \
 		echo "docs/asyncapi/$$s.json"; \
 	done
+
+## bench: every benchmark under bench/ (each prints a table, then one line of JSON)
+bench: setup
+	@set -e; for b in bench/*/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
