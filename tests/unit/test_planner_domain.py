@@ -84,14 +84,88 @@ def test_repeated_completion_changes_nothing() -> None:
     assert state.model_dump() == before
 
 
-def test_failed_step_fails_task_with_reason() -> None:
-    state = started(plan(("a", [])))
+def test_failed_step_fails_task_with_reason_when_replanning_is_off() -> None:
+    state = started(plan(("a", [])), Budget(max_replans=0))
     state.outbox.clear()
     state.step_failed(StepFailed(task_id="tsk_1", step_id="a", error="disk on fire"))
     (failed,) = state.pending_events()
     assert failed.event_type == "task.failed"
     assert "step a" in failed.reason and "disk on fire" in failed.reason  # type: ignore[attr-defined]
+    assert "re-planning is off" in failed.reason  # type: ignore[attr-defined]
     assert state.terminal
+
+
+def failed_midway() -> domain.TaskState:
+    """a done, b running, c failed, d pending (after c)."""
+    state = started(plan(("a", []), ("b", []), ("c", []), ("d", ["c"])))
+    state.step_completed(StepCompleted(task_id="tsk_1", step_id="a", output="A!"), domain.now())
+    state.step_failed(StepFailed(task_id="tsk_1", step_id="c", error="no such module"))
+    state.outbox.clear()
+    return state
+
+
+def test_failed_step_moves_to_replanning_with_the_failure_in_context() -> None:
+    state = failed_midway()
+    assert state.phase is TaskPhase.REPLANNING
+    assert state.outbox == []
+    (_, user) = domain.replan_messages(state)
+    assert "[a] a: A!" in user[1] and "[b] b" in user[1]
+    assert "step c (c) failed: no such module" in user[1]
+    assert "do not reuse): a, b, c, d" in user[1]
+
+
+def test_replan_keeps_done_and_running_steps_and_dispatches_new_ones() -> None:
+    state = failed_midway()
+    text = (
+        '{"steps": [{"id": "c2", "title": "c again", "instructions": "x", "depends_on": ["a"]},'
+        ' {"id": "d2", "title": "d", "instructions": "x", "depends_on": ["b", "c2"]}]}'
+    )
+    new = domain.parse_replan(text, state)
+    state.replan(new, Usage())
+    assert state.phase is TaskPhase.RUNNING
+    assert list(state.steps) == ["a", "b", "c2", "d2"]
+    assert state.retired_ids == ["c", "d"]
+    created, ready = state.pending_events()
+    assert created.event_type == "task.plan_created" and created.revision == 2  # type: ignore[attr-defined]
+    assert isinstance(ready, StepReady) and ready.step.id == "c2"
+    assert ready.inputs == {"a": "A!"}
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ('[{"id": "c", "title": "t", "instructions": "i"}]', "already used in this task: c"),
+        (
+            '[{"id": "e", "title": "t", "instructions": "i", "depends_on": ["zz"]}]',
+            "unknown steps: zz",
+        ),
+        ('"nope"', "'steps' list"),
+    ],
+)
+def test_invalid_replans_are_rejected_with_the_reason(steps: str, message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        domain.parse_replan(f'{{"steps": {steps}}}', failed_midway())
+
+
+def test_replan_limit_then_fail() -> None:
+    state = started(plan(("a", [])), Budget(max_replans=1))
+    state.step_failed(StepFailed(task_id="tsk_1", step_id="a", error="e1"))
+    state.replan(
+        domain.parse_replan('{"steps": [{"id": "a2", "title": "t", "instructions": "i"}]}', state),
+        Usage(),
+    )
+    state.outbox.clear()
+    state.step_failed(StepFailed(task_id="tsk_1", step_id="a2", error="e2"))
+    (failed,) = state.pending_events()
+    assert "step a2 (t) failed: e2 after 1 re-plan(s)" in failed.reason  # type: ignore[attr-defined]
+
+
+def test_completion_during_replanning_is_recorded_but_dispatches_nothing() -> None:
+    state = failed_midway()
+    state.step_completed(StepCompleted(task_id="tsk_1", step_id="b", output="B!"), domain.now())
+    assert state.outbox == []
+    assert state.steps["b"].output == "B!"
+    assert state.phase is TaskPhase.REPLANNING
 
 
 def test_budget_overrun_fails_task() -> None:

@@ -264,3 +264,58 @@ async def test_a_recorded_run_replays_identically(tmp_path: Path) -> None:
     assert list(recorded.conversations) == ["executor/s1"]
     again, _ = await run_step(ReplayProvider(recorded, PriceTable.load()), FakeWorkspace())
     assert first.output == again.output == "wrote a.txt"  # type: ignore[attr-defined]
+
+
+async def test_a_model_repeating_itself_is_stopped() -> None:
+    same = calls(("run_python", {"code": "print(1)"}))
+    other = calls(("list_files", {}))
+    provider = transcript({"executor/s1": [same, other, same, same, same, same]})
+    ws = FakeWorkspace()
+    result, _ = await run_step(provider, ws)
+    assert not result.ok  # type: ignore[attr-defined]
+    assert "repeated the same action 3 times in a row (run_python print(1))" in result.error  # type: ignore[attr-defined]
+    assert len(ws.runs) == 3  # one before list_files, two after; the third repeat never ran
+
+
+class FakeMemory:
+    def __init__(self) -> None:
+        self.saved: list[tuple[str, str]] = []
+
+    async def search(self, query: str, k: int) -> ExecResult:
+        return ExecResult(True, f"[0.90] about {query}")
+
+    async def save(self, text: str, kind: str) -> ExecResult:
+        self.saved.append((text, kind))
+        return ExecResult(True, "saved as mem_1")
+
+    async def recall(self, query: str, k: int) -> list[str]:
+        return ["the user likes tab-separated files"]
+
+
+async def test_memories_are_recalled_at_step_start_and_results_saved_at_the_end() -> None:
+    provider = transcript(
+        {
+            "executor/s1": [
+                {
+                    "expect": {"prompt_contains": ["- the user likes tab-separated files"]},
+                    **calls(("search_memory", {"query": "format"}), ("save_memory", {"text": "x"})),
+                },
+                {
+                    "expect": {"tool_results_contain": ["[0.90] about format", "saved as mem_1"]},
+                    **calls(("finish_step", {"result": "done"})),
+                },
+            ]
+        }
+    )
+    memory = FakeMemory()
+    runner = StepRunner(llm=provider, workspace=FakeWorkspace(), memory=memory)
+
+    async def progress(event: ToolEvent) -> None:
+        return None
+
+    result = await runner.run(
+        goal="g", step=STEP, inputs={}, conversation="executor/s1", task_id="t", progress=progress
+    )
+    assert result.ok, result.error
+    assert not result.touched_workspace
+    assert memory.saved == [("x", "fact"), ("g | step 't': done", "step_result")]

@@ -90,6 +90,7 @@ class StepCompleted(Event):
     workspace_files: list[str] = Field(
         default_factory=list, description="Files in the task's workspace after the step."
     )
+    worker: str = Field("", description="The executor replica that ran the step.")
     attempt: int = Field(1, ge=1, description="Which dispatch of the step this answers.")
 
 
@@ -99,6 +100,7 @@ class StepFailed(Event):
     step_id: StepId
     error: str = Field(max_length=20_000, description="Why the step failed, for a person.")
     usage: Usage = Field(default_factory=Usage, description="LLM spend of the step.")
+    worker: str = Field("", description="The executor replica that ran the step.")
     attempt: int = Field(1, ge=1, description="Which dispatch of the step this answers.")
 
 

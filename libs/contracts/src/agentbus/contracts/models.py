@@ -89,6 +89,9 @@ class Budget(Contract):
     """Limits of one task. ``None`` means no limit of that kind."""
 
     max_steps: int = Field(12, ge=1, le=200, description="Most plan steps the task may run.")
+    max_replans: int = Field(
+        2, ge=0, le=20, description="Most times a failed step may lead to a new plan."
+    )
     max_tokens: int | None = Field(None, ge=1, description="Most LLM tokens (in + out).")
     max_cost_usd: float | None = Field(None, gt=0, description="Most LLM spend in US dollars.")
     max_wall_seconds: float = Field(

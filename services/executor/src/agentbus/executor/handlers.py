@@ -15,14 +15,22 @@ from agentbus.contracts import (
     derived_event_id,
     subjects,
 )
-from agentbus.core.bus import RpcError, event_subscriber, keep_in_progress, publish_event
+from agentbus.core.bus import (
+    RpcError,
+    event_subscriber,
+    instance_id,
+    keep_in_progress,
+    publish_event,
+)
 from agentbus.core.llm import LLMProvider
 from agentbus.core.settings import BusSettings, LLMSettings
 
+from .adapters.memory import MemoryClient
 from .adapters.sandbox import SandboxWorkspace
 from .domain import StepRunner, ToolEvent
 
 log = structlog.get_logger(__name__)
+WORKER = instance_id()
 
 
 @dataclass
@@ -57,6 +65,7 @@ def register(deps: ExecutorDeps) -> None:
         runner = StepRunner(
             llm=deps.llm,
             workspace=workspace,
+            memory=MemoryClient(deps.broker, event.task_id, deps.bus.rpc_timeout_s),
             model=deps.llm_settings.executor_model or deps.llm_settings.model,
             max_iterations=deps.max_iterations,
             max_tokens=deps.llm_settings.max_tokens,
@@ -88,11 +97,12 @@ def register(deps: ExecutorDeps) -> None:
                 progress=progress,
             )
         if result.ok:
-            try:
-                files = await workspace.file_names()
-            except RpcError as exc:
-                log.warning("could not list the workspace", error=str(exc))
-                files = []
+            files: list[str] = []
+            if result.touched_workspace:
+                try:
+                    files = await workspace.file_names()
+                except RpcError as exc:
+                    log.warning("could not list the workspace", error=str(exc))
             outcome: StepCompleted | StepFailed = StepCompleted(
                 event_id=outcome_event_id(event),
                 task_id=event.task_id,
@@ -101,6 +111,7 @@ def register(deps: ExecutorDeps) -> None:
                 usage=result.usage,
                 workspace_files=files,
                 attempt=event.attempt,
+                worker=WORKER,
             )
         else:
             outcome = StepFailed(
@@ -110,6 +121,7 @@ def register(deps: ExecutorDeps) -> None:
                 error=result.error[:20_000],
                 usage=result.usage,
                 attempt=event.attempt,
+                worker=WORKER,
             )
         log.info("step finished", ok=result.ok, iterations=result.iterations)
         await publish_event(deps.broker, outcome)

@@ -41,6 +41,7 @@ _APPLIED_KEEP = 500
 
 class TaskPhase(StrEnum):
     RUNNING = "running"
+    REPLANNING = "replanning"  # a step failed; a new plan for the rest is being made
     FINISHING = "finishing"  # every step done; the answer is being written
     COMPLETED = "completed"
     FAILED = "failed"
@@ -77,6 +78,11 @@ class TaskState(BaseModel):
     workspace_files: list[str] = Field(default_factory=list)
     answer: str = ""
     reason: str = ""
+    replans: int = 0
+    failures: list[str] = Field(default_factory=list, description="Why steps failed.")
+    retired_ids: list[str] = Field(
+        default_factory=list, description="Ids of steps dropped by re-planning; never reused."
+    )
     applied: list[str] = Field(default_factory=list, description="Ids of events applied.")
     outbox: list[dict[str, Any]] = Field(default_factory=list, description="Events to publish.")
 
@@ -172,6 +178,8 @@ class TaskState(BaseModel):
         problem = self.budget_problem(now)
         if problem:
             self.fail(problem)
+        elif self.phase is not TaskPhase.RUNNING:
+            return  # re-planning: the new plan decides what runs next
         elif self.all_done():
             self.phase = TaskPhase.FINISHING
         else:
@@ -184,7 +192,52 @@ class TaskState(BaseModel):
         state.status = StepStatus.FAILED
         state.error = event.error
         self.usage = self.usage + event.usage
-        self.fail(f"step {event.step_id} ({state.step.title}) failed: {event.error}")
+        failure = f"step {event.step_id} ({state.step.title}) failed: {event.error}"
+        self.failures.append(failure)
+        if self.phase is TaskPhase.REPLANNING:
+            return  # the re-plan under way will see this failure too
+        if self.replans >= self.budget.max_replans:
+            limit = self.budget.max_replans
+            after = f" after {limit} re-plan(s)" if limit else " (re-planning is off)"
+            self.fail(failure + after)
+            return
+        self.phase = TaskPhase.REPLANNING
+
+    def kept_steps(self) -> list[StepState]:
+        """Steps a new plan keeps: those done and those still running."""
+        return [
+            s
+            for s in self.steps.values()
+            if s.status in {StepStatus.COMPLETED, StepStatus.DISPATCHED}
+        ]
+
+    def used_ids(self) -> set[str]:
+        return set(self.steps) | set(self.retired_ids)
+
+    def replan(self, new_steps: list[PlanStep], usage: Usage) -> None:
+        """Replace the failed and not yet started steps by ``new_steps`` and go on."""
+        if self.phase is not TaskPhase.REPLANNING:
+            return
+        kept = {s.step.id: s for s in self.kept_steps()}
+        self.retired_ids = sorted(set(self.retired_ids) | (set(self.steps) - set(kept)))
+        self.steps = {**kept, **{s.id: StepState(step=s) for s in new_steps}}
+        self.replans += 1
+        self.revision += 1
+        self.usage = self.usage + usage
+        self.phase = TaskPhase.RUNNING
+        self._emit(
+            PlanCreated(
+                event_id=derived_event_id(self.task_id, "plan", self.revision),
+                task_id=self.task_id,
+                steps=[s.step for s in self.steps.values()],
+                revision=self.revision,
+                usage=usage,
+            )
+        )
+        if self.all_done():
+            self.phase = TaskPhase.FINISHING
+        else:
+            self._dispatch_ready()
 
     def complete(self, answer: str, usage: Usage) -> None:
         if self.terminal:
@@ -259,6 +312,17 @@ Rules: ids are short (s1, s2, ...); use as few steps as the task needs, at most 
 steps with no dependencies run in parallel; a step sees the outputs of the steps it depends on.
 """
 
+REPLAN_SYSTEM = """You are the planner of agentbus. A step of the user's task failed.
+Write a new plan for the REMAINING work only, learning from the failure: do not repeat
+what failed in the same way. Steps already done or still running are kept; new steps may
+depend on them by id. New steps need ids that were never used in this task.
+
+Reply with JSON only, no prose, in exactly this shape:
+{"steps": [{"id": "s4", "title": "short name", "instructions": "what to do, precisely",
+            "depends_on": ["s1"], "expected_output": "what the step must produce"}]}
+An empty list of steps means the work already done answers the task.
+"""
+
 ANSWER_SYSTEM = """You are the planner of agentbus. The steps of the user's task are done.
 Write the final answer for the user from the step results: state the result plainly,
 name the files produced, and keep it short."""
@@ -269,6 +333,19 @@ def plan_messages(goal: str, budget: Budget) -> list[tuple[str, str]]:
         ("system", PLAN_SYSTEM.replace("{max_steps}", str(budget.max_steps))),
         ("user", f"Task: {goal}"),
     ]
+
+
+def replan_messages(state: TaskState) -> list[tuple[str, str]]:
+    lines = [f"Task: {state.goal}", ""]
+    done = [s for s in state.kept_steps() if s.status is StepStatus.COMPLETED]
+    running = [s for s in state.kept_steps() if s.status is StepStatus.DISPATCHED]
+    if done:
+        lines += ["Steps done:"] + [f"[{s.step.id}] {s.step.title}: {s.output}" for s in done]
+    if running:
+        lines += ["Steps still running:"] + [f"[{s.step.id}] {s.step.title}" for s in running]
+    lines += ["Failures:"] + [f"- {f}" for f in state.failures]
+    lines += ["", "Ids already used (do not reuse): " + ", ".join(sorted(state.used_ids()))]
+    return [("system", REPLAN_SYSTEM), ("user", "\n".join(lines))]
 
 
 def repair_message(error: str) -> str:
@@ -293,8 +370,7 @@ class PlanError(ValueError):
     """The LLM's plan could not be used; the message says why."""
 
 
-def parse_plan(text: str | None, budget: Budget) -> Plan:
-    """Parse and validate a plan from the LLM's reply text."""
+def _plan_json(text: str | None) -> Any:
     if not text or not text.strip():
         raise PlanError("the reply was empty; expected a JSON object with a 'steps' list")
     body = _FENCE.sub("", text.strip())
@@ -302,21 +378,53 @@ def parse_plan(text: str | None, budget: Budget) -> Plan:
     if start < 0 or end <= start:
         raise PlanError(f"no JSON object in the reply: {text[:200]!r}")
     try:
-        data = json.loads(body[start : end + 1])
+        return json.loads(body[start : end + 1])
     except json.JSONDecodeError as exc:
         raise PlanError(f"the reply is not valid JSON ({exc.msg} at char {exc.pos})") from exc
+
+
+def _validate_plan(data: Any) -> Plan:
     try:
-        plan = Plan.model_validate(data)
+        return Plan.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}" for e in exc.errors()[:5]
         )
         raise PlanError(f"the plan does not match the schema: {problems}") from exc
+
+
+def parse_plan(text: str | None, budget: Budget) -> Plan:
+    """Parse and validate a plan from the LLM's reply text."""
+    plan = _validate_plan(_plan_json(text))
     if len(plan.steps) > budget.max_steps:
         raise PlanError(
             f"the plan has {len(plan.steps)} steps; this task allows at most {budget.max_steps}"
         )
     return plan
+
+
+def parse_replan(text: str | None, state: TaskState) -> list[PlanStep]:
+    """Parse the new steps of a re-plan, validated together with the steps kept."""
+    data = _plan_json(text)
+    raw_steps = data.get("steps") if isinstance(data, dict) else None
+    if not isinstance(raw_steps, list):
+        raise PlanError("the reply must be a JSON object with a 'steps' list")
+    if not raw_steps:
+        if not state.kept_steps():
+            raise PlanError("the new plan is empty, and no step of the task is done yet")
+        return []
+    kept = [s.step for s in state.kept_steps()]
+    plan = _validate_plan({"steps": [*[k.model_dump() for k in kept], *raw_steps]})
+    new_steps = plan.steps[len(kept) :]
+    reused = sorted({s.id for s in new_steps} & state.used_ids())
+    if reused:
+        raise PlanError(f"step ids already used in this task: {', '.join(reused)}; pick new ids")
+    if len(plan.steps) > state.budget.max_steps:
+        raise PlanError(
+            f"the plan would have {len(plan.steps)} steps; "
+            f"this task allows at most {state.budget.max_steps}"
+        )
+    return new_steps
 
 
 def now() -> datetime:

@@ -17,9 +17,12 @@ from .tools import (
     TOOLS,
     ExecResult,
     FinishStep,
+    Memory,
     ReadFile,
     RunPython,
     RunShell,
+    SaveMemory,
+    SearchMemory,
     Workspace,
     WriteFile,
     tool_specs,
@@ -28,8 +31,11 @@ from .tools import (
 SYSTEM = """You are an executor agent of agentbus. You carry out ONE step of a larger task.
 Use the tools to do the work: run_python and run_shell run code in a sandbox (no network)
 whose working directory is the task's workspace, shared by all steps; write_file, read_file
-and list_files work in that workspace. Check results rather than assuming them. When the
-step is done, call finish_step with what it produced (values, file names)."""
+and list_files work in that workspace; search_memory and save_memory reach long-term memory.
+Check results rather than assuming them. When the step is done, call finish_step with what
+it produced (values, file names)."""
+
+WORKSPACE_TOOLS = frozenset({"run_python", "run_shell", "write_file"})
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class StepResult:
     error: str = ""
     usage: Usage = field(default_factory=Usage)
     iterations: int = 0
+    touched_workspace: bool = False
 
 
 Progress = Callable[[ToolEvent], Awaitable[None]]
@@ -61,7 +68,9 @@ def clip(text: str, limit: int) -> str:
     return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
 
 
-def step_prompt(goal: str, step: PlanStep, inputs: dict[str, str]) -> str:
+def step_prompt(
+    goal: str, step: PlanStep, inputs: dict[str, str], memories: list[str] | None = None
+) -> str:
     parts = [
         f"Task: {goal}",
         f"Your step: {step.id} - {step.title}",
@@ -72,6 +81,9 @@ def step_prompt(goal: str, step: PlanStep, inputs: dict[str, str]) -> str:
     if inputs:
         parts.append("Results of earlier steps:")
         parts += [f"[{k}] {v}" for k, v in inputs.items()]
+    if memories:
+        parts.append("Possibly relevant memories from earlier work:")
+        parts += [f"- {m}" for m in memories]
     return "\n".join(parts)
 
 
@@ -88,12 +100,32 @@ def describe_call(call: ToolCall) -> str:
     return json.dumps(args, ensure_ascii=False)
 
 
+class _LoopGuard:
+    """Notices a model stuck repeating the same tool calls turn after turn."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.last = ""
+        self.count = 0
+
+    def repeated(self, calls: list[ToolCall]) -> str | None:
+        """The repeated action, once it has been made ``limit`` times in a row."""
+        signature = json.dumps([[c.name, c.arguments] for c in calls], sort_keys=True)
+        self.count = self.count + 1 if signature == self.last else 1
+        self.last = signature
+        if self.count >= self.limit:
+            return clip(", ".join(f"{c.name} {describe_call(c)}" for c in calls), 200)
+        return None
+
+
 @dataclass
 class StepRunner:
     llm: LLMProvider
     workspace: Workspace
     model: str = ""
+    memory: Memory | None = None
     max_iterations: int = 20
+    max_repeats: int = 3
     max_tokens: int = 2048
     observation_limit: int = 8000
 
@@ -107,12 +139,17 @@ class StepRunner:
         task_id: str,
         progress: Progress,
     ) -> StepResult:
+        memories = (
+            await self.memory.recall(f"{step.title}\n{step.instructions}", 3) if self.memory else []
+        )
         messages = [
             Message(role="system", content=SYSTEM),
-            Message(role="user", content=step_prompt(goal, step, inputs)),
+            Message(role="user", content=step_prompt(goal, step, inputs, memories)),
         ]
         usage = Usage()
         specs = tool_specs()
+        loop = _LoopGuard(self.max_repeats)
+        touched = False
         for iteration in range(1, self.max_iterations + 1):
             try:
                 reply = await self.llm.chat(
@@ -135,16 +172,31 @@ class StepRunner:
                 # A plain answer with no tool call ends the step with that answer.
                 text = (reply.message.content or "").strip()
                 if text:
-                    return StepResult(True, output=text, usage=usage, iterations=iteration)
+                    return await self._done(
+                        goal, step, text, usage=usage, iterations=iteration, touched=touched
+                    )
                 messages.append(
                     Message(role="user", content="Use a tool, or call finish_step when done.")
                 )
                 continue
+            stuck = loop.repeated(reply.message.tool_calls)
+            if stuck:
+                return StepResult(
+                    False,
+                    error=f"stopped: the model repeated the same action {self.max_repeats} "
+                    f"times in a row ({stuck})",
+                    usage=usage,
+                    iterations=iteration,
+                    touched_workspace=touched,
+                )
             for call in reply.message.tool_calls:
                 if call.name == "finish_step":
                     finished = self._finish(call)
                     if finished is not None:
-                        return StepResult(True, output=finished, usage=usage, iterations=iteration)
+                        return await self._done(
+                            goal, step, finished, usage=usage, iterations=iteration, touched=touched
+                        )
+                touched = touched or call.name in WORKSPACE_TOOLS
                 observation = await self._run_tool(call, progress)
                 messages.append(
                     Message(
@@ -158,7 +210,30 @@ class StepRunner:
             error=f"the step did not finish within {self.max_iterations} LLM turns",
             usage=usage,
             iterations=self.max_iterations,
+            touched_workspace=touched,
         )
+
+    async def _done(
+        self,
+        goal: str,
+        step: PlanStep,
+        output: str,
+        *,
+        usage: Usage,
+        iterations: int,
+        touched: bool,
+    ) -> StepResult:
+        """A finished step; its result is saved to long-term memory for later work."""
+        if self.memory is not None:
+            await self.memory.save(f"{goal} | step '{step.title}': {output}", "step_result")
+        return StepResult(
+            True, output=output, usage=usage, iterations=iterations, touched_workspace=touched
+        )
+
+    async def _memory_call(self, call: Callable[[Memory], Awaitable[ExecResult]]) -> ExecResult:
+        if self.memory is None:
+            return ExecResult(False, "error: long-term memory is not available to this step")
+        return await call(self.memory)
 
     @staticmethod
     def _finish(call: ToolCall) -> str | None:
@@ -203,6 +278,10 @@ class StepRunner:
                 return await ws.write_file(path, content)
             case ReadFile(path=path):
                 return await ws.read_file(path)
+            case SearchMemory(query=query, k=k):
+                return await self._memory_call(lambda m: m.search(query, k))
+            case SaveMemory(text=text, kind=kind):
+                return await self._memory_call(lambda m: m.save(text, kind))
             case FinishStep():
                 return ExecResult(False, "error: finish_step needs a 'result' string")
             case _:

@@ -48,6 +48,20 @@ class ListFiles(ToolArgs):
     """List the files in the task's workspace with their sizes."""
 
 
+class SearchMemory(ToolArgs):
+    """Search long-term memory (facts and results saved by earlier steps and tasks)."""
+
+    query: str = Field(description="What to look for, in words.")
+    k: int = Field(5, ge=1, le=20, description="Most results.")
+
+
+class SaveMemory(ToolArgs):
+    """Save a fact worth remembering for later steps and future tasks."""
+
+    text: str = Field(description="The fact, self-contained.")
+    kind: str = Field("fact", description="Kind of memory, e.g. fact, preference, result.")
+
+
 class FinishStep(ToolArgs):
     """Finish this step. Call it once the step's work is done."""
 
@@ -62,6 +76,8 @@ TOOLS: dict[str, type[ToolArgs]] = {
     "write_file": WriteFile,
     "read_file": ReadFile,
     "list_files": ListFiles,
+    "search_memory": SearchMemory,
+    "save_memory": SaveMemory,
     "finish_step": FinishStep,
 }
 
@@ -95,3 +111,15 @@ class Workspace(Protocol):
     async def list_files(self) -> ExecResult: ...
 
     async def file_names(self) -> list[str]: ...
+
+
+class Memory(Protocol):
+    """Long-term memory; the adapter reaches the memory service over NATS."""
+
+    async def search(self, query: str, k: int) -> ExecResult: ...
+
+    async def save(self, text: str, kind: str) -> ExecResult: ...
+
+    async def recall(self, query: str, k: int) -> list[str]:
+        """Memories for the step's prompt; empty when memory cannot answer."""
+        ...
