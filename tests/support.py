@@ -8,10 +8,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import nats.errors
+from faststream.nats import NatsBroker
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from agentbus.contracts import subjects
+from agentbus.cli import client
+from agentbus.contracts import Budget, Event, TaskSubmitted, new_id, subjects
 
 T = TypeVar("T")
 
@@ -47,3 +49,10 @@ async def dead_letters(js: JetStreamContext, service: str, subject: str) -> list
         return letters
     finally:
         await sub.unsubscribe()
+
+
+async def run_task(broker: NatsBroker, goal: str, budget: Budget | None = None) -> list[Event]:
+    """Submit a task and collect its events up to the terminal one."""
+    task = TaskSubmitted(task_id=new_id("tsk"), goal=goal, budget=budget or Budget())
+    await client.submit(broker, task)
+    return [e async for e in client.follow(broker, task.task_id, timeout=120)]

@@ -16,15 +16,13 @@ from faststream.nats import NatsBroker
 from agentbus.cli import client
 from agentbus.cli.stack import EmbeddedStack
 from agentbus.contracts import (
-    Event,
     StepCompleted,
     TaskCompleted,
     TaskFailed,
-    TaskSubmitted,
     new_id,
     subjects,
 )
-from tests.support import dead_letters, eventually
+from tests.support import dead_letters, eventually, run_task
 
 pytestmark = pytest.mark.integration
 
@@ -53,14 +51,8 @@ async def broker(stack: EmbeddedStack) -> AsyncIterator[NatsBroker]:
         yield b
 
 
-async def run_task(broker: NatsBroker, goal: str = GOAL) -> list[Event]:
-    task = TaskSubmitted(task_id=new_id("tsk"), goal=goal)
-    await client.submit(broker, task)
-    return [e async for e in client.follow(broker, task.task_id, timeout=120)]
-
-
 async def test_example_task_runs_end_to_end(stack: EmbeddedStack, broker: NatsBroker) -> None:
-    events = await run_task(broker)
+    events = await run_task(broker, GOAL)
     task_id = events[0].task_id
     done = events[-1]
     assert isinstance(done, TaskCompleted), f"task did not complete: {done!r}"
@@ -135,7 +127,7 @@ async def test_malformed_events_are_dead_lettered_and_service_keeps_serving(
         stream=subjects.EVENTS_STREAM,
     )
 
-    events = await run_task(broker)  # the planner still serves good events
+    events = await run_task(broker, GOAL)  # the planner still serves good events
     assert isinstance(events[-1], TaskCompleted)
 
     js = broker.config.connection_state.stream

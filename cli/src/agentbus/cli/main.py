@@ -32,7 +32,8 @@ from agentbus.contracts import (
     utcnow,
 )
 from agentbus.core.bus import RpcError
-from agentbus.core.llm import NOT_CONFIGURED_HINT, LLMError, Transcript, build_transcript
+from agentbus.core.llm import NOT_CONFIGURED_HINT, LLMError, build_transcript
+from agentbus.core.llm.replay import load_transcripts
 from agentbus.core.settings import LLMSettings
 
 from . import client
@@ -90,16 +91,15 @@ def _llm_env(args: argparse.Namespace) -> tuple[dict[str, str], str | None]:
     """Env for the child services and the goal a replay was recorded for."""
     if args.replay:
         path = Path(args.replay)
-        if path.is_dir():
-            path = path / "transcript.json"
         if not path.exists():
             raise SystemExit(f"agentbus: no replay transcript at {path}")
         try:
-            transcript = Transcript.load(path)
+            transcripts = load_transcripts(path)
         except (LLMError, ValueError) as exc:
-            raise SystemExit(f"agentbus: bad replay transcript {path}: {exc}") from exc
+            raise SystemExit(f"agentbus: bad replay transcript in {path}: {exc}") from exc
         env = {"AGENTBUS_LLM_PROVIDER": "replay", "AGENTBUS_LLM_REPLAY_FILE": str(path.resolve())}
-        return env, transcript.goal
+        # One transcript: its task is the default; several: --task picks one by its goal.
+        return env, transcripts[0].goal if len(transcripts) == 1 else None
     return {}, None
 
 

@@ -83,25 +83,51 @@ def _live_calls(message: Message) -> list[tuple[str, dict[str, Any]]]:
     return [(c.name, c.arguments) for c in message.tool_calls]
 
 
+def load_transcripts(path: Path) -> list[Transcript]:
+    """One transcript file, or every ``*.json`` / ``*/transcript.json`` under a directory."""
+    if not path.is_dir():
+        return [Transcript.load(path)]
+    files = sorted({*path.glob("*.json"), *path.glob("*/transcript.json")})
+    if not files:
+        raise LLMError(f"no replay transcripts (*.json, */transcript.json) in {path}")
+    return [Transcript.load(f) for f in files]
+
+
 class ReplayProvider:
+    """Plays one transcript, or picks among several the one whose goal the request
+    mentions (every agentbus prompt states the task), so one stack can serve a corpus."""
+
     name = "replay"
 
-    def __init__(self, transcript: Transcript, prices: PriceTable) -> None:
-        self.transcript = transcript
+    def __init__(self, transcripts: Transcript | list[Transcript], prices: PriceTable) -> None:
+        self.transcripts = transcripts if isinstance(transcripts, list) else [transcripts]
         self.prices = prices
 
     @classmethod
     def from_file(cls, path: Path, prices: PriceTable) -> ReplayProvider:
-        return cls(Transcript.load(path), prices)
+        return cls(load_transcripts(path), prices)
 
     async def aclose(self) -> None:
         return None
 
+    def _transcript_for(self, request: ChatRequest) -> Transcript:
+        if len(self.transcripts) == 1:
+            return self.transcripts[0]
+        prompt = "\n".join(m.content or "" for m in request.messages if m.role == "user")
+        matches = [t for t in self.transcripts if t.goal in prompt]
+        if not matches:
+            raise ReplayMismatch(
+                f"replay: no recorded transcript for this task among {len(self.transcripts)} "
+                f"(goals: {'; '.join(t.goal[:60] for t in self.transcripts)})"
+            )
+        return max(matches, key=lambda t: len(t.goal))
+
     async def chat(self, request: ChatRequest) -> ChatResponse:
+        transcript = self._transcript_for(request)
         key = request.conversation
-        script = self.transcript.conversations.get(key)
+        script = transcript.conversations.get(key)
         if script is None:
-            known = ", ".join(sorted(self.transcript.conversations)) or "none"
+            known = ", ".join(sorted(transcript.conversations)) or "none"
             raise ReplayMismatch(
                 f"replay: no recorded conversation {key!r} (recorded: {known}); "
                 "the plan or step ids differ from the recording"
@@ -131,7 +157,7 @@ class ReplayProvider:
                     f"replay: conversation {key!r} turn {turn_no + 1} calls tool {call.name!r}, "
                     f"which the caller does not offer ({', '.join(sorted(offered)) or 'no tools'})"
                 )
-        return self._response(key, turn_no, turn.reply)
+        return self._response(transcript.model, key, turn_no, turn.reply)
 
     def _check_expectations(
         self, key: str, turn_no: int, expect: Expect, request: ChatRequest
@@ -156,7 +182,7 @@ class ReplayProvider:
                     f"latest tool results, which were: {results[:500]!r}"
                 )
 
-    def _response(self, key: str, turn_no: int, reply: RecordedReply) -> ChatResponse:
+    def _response(self, model: str, key: str, turn_no: int, reply: RecordedReply) -> ChatResponse:
         slug = re.sub(r"[^A-Za-z0-9]+", "_", key)
         usage = ModelUsage(
             prompt_tokens=reply.usage.prompt_tokens,
@@ -164,7 +190,6 @@ class ReplayProvider:
             cached_tokens=reply.usage.cached_tokens,
             calls=1,
         )
-        model = self.transcript.model
         usage = usage.model_copy(update={"cost_usd": self.prices.cost(model, usage)})
         message = Message(
             role="assistant",

@@ -192,9 +192,22 @@ class StepRunner:
             for call in reply.message.tool_calls:
                 if call.name == "finish_step":
                     finished = self._finish(call)
+                    if finished is not None and not finished.success:
+                        return StepResult(
+                            False,
+                            error=finished.result,
+                            usage=usage,
+                            iterations=iteration,
+                            touched_workspace=touched,
+                        )
                     if finished is not None:
                         return await self._done(
-                            goal, step, finished, usage=usage, iterations=iteration, touched=touched
+                            goal,
+                            step,
+                            finished.result,
+                            usage=usage,
+                            iterations=iteration,
+                            touched=touched,
                         )
                 touched = touched or call.name in WORKSPACE_TOOLS
                 observation = await self._run_tool(call, progress)
@@ -236,9 +249,9 @@ class StepRunner:
         return await call(self.memory)
 
     @staticmethod
-    def _finish(call: ToolCall) -> str | None:
+    def _finish(call: ToolCall) -> FinishStep | None:
         try:
-            return FinishStep.model_validate(call.arguments).result
+            return FinishStep.model_validate(call.arguments)
         except ValidationError:
             return None  # _run_tool reports the problem back to the model
 

@@ -63,11 +63,13 @@ class SaveMemory(ToolArgs):
 
 
 class FinishStep(ToolArgs):
-    """Finish this step. Call it once the step's work is done."""
+    """Finish this step. Call it once the step's work is done, or with success=false when
+    it cannot be done (the planner then re-plans with your reason)."""
 
     result: str = Field(
-        description="What the step produced: the values, findings and file names, in words."
+        description="What the step produced (values, findings, file names), or why it failed."
     )
+    success: bool = Field(True, description="False if the step could not be done.")
 
 
 TOOLS: dict[str, type[ToolArgs]] = {
