@@ -40,6 +40,7 @@ class ExecutorDeps:
     llm_settings: LLMSettings
     max_iterations: int
     concurrency: int
+    use_memory: bool = True
     llm: LLMProvider | None = None
 
 
@@ -65,7 +66,11 @@ def register(deps: ExecutorDeps) -> None:
         runner = StepRunner(
             llm=deps.llm,
             workspace=workspace,
-            memory=MemoryClient(deps.broker, event.task_id, deps.bus.rpc_timeout_s),
+            memory=(
+                MemoryClient(deps.broker, event.task_id, deps.bus.rpc_timeout_s)
+                if deps.use_memory
+                else None
+            ),
             model=deps.llm_settings.executor_model or deps.llm_settings.model,
             max_iterations=deps.max_iterations,
             max_tokens=deps.llm_settings.max_tokens,

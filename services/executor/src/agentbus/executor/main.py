@@ -19,6 +19,9 @@ class Settings(CommonSettings):
     llm: LLMSettings = Field(default_factory=LLMSettings)
     max_iterations: int = Field(20, ge=1, description="Most LLM turns per step.")
     concurrency: int = Field(4, ge=1, description="Steps one replica runs at once.")
+    use_memory: bool = Field(
+        True, description="Recall memories at step start and save the result at the end."
+    )
 
 
 def create_app(settings: Settings) -> FastStream:
@@ -29,6 +32,7 @@ def create_app(settings: Settings) -> FastStream:
         llm_settings=settings.llm,
         max_iterations=settings.max_iterations,
         concurrency=settings.concurrency,
+        use_memory=settings.use_memory,
     )
     register(deps)
 
