@@ -33,7 +33,7 @@ RTT_SAMPLES = 2000
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def chain_transcript(goal: str, n: int) -> dict[str, object]:
