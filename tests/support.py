@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import nats.errors
@@ -13,6 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from agentbus.cli import client
+from agentbus.cli.stack import EmbeddedStack
 from agentbus.contracts import Budget, Event, TaskSubmitted, new_id, subjects
 
 T = TypeVar("T")
@@ -56,3 +59,29 @@ async def run_task(broker: NatsBroker, goal: str, budget: Budget | None = None) 
     task = TaskSubmitted(task_id=new_id("tsk"), goal=goal, budget=budget or Budget())
     await client.submit(broker, task)
     return [e async for e in client.follow(broker, task.task_id, timeout=120)]
+
+
+@contextlib.asynccontextmanager
+async def replay_stack(
+    home: Path,
+    replay: Path,
+    *,
+    nats_url: str,
+    database_url: str,
+    replicas: Mapping[str, int] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> AsyncIterator[EmbeddedStack]:
+    """All four services as processes on the test session's servers, the replay
+    provider (a transcript or a directory of them) standing in for the LLM."""
+    async with EmbeddedStack(
+        home=home,
+        replicas=replicas or dict.fromkeys(subjects.SERVICES, 1),
+        extra_env={
+            "AGENTBUS_LLM_PROVIDER": "replay",
+            "AGENTBUS_LLM_REPLAY_FILE": str(replay),
+            **(env or {}),
+        },
+        nats_url=nats_url,
+        database_url=database_url,
+    ) as running:
+        yield running

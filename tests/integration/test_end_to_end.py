@@ -22,25 +22,19 @@ from agentbus.contracts import (
     new_id,
     subjects,
 )
-from tests.support import dead_letters, eventually, run_task
+from tests.support import dead_letters, eventually, replay_stack, run_task
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 PRIMES = ROOT / "examples" / "primes" / "transcript.json"
 GOAL = json.loads(PRIMES.read_text())["goal"]
-SERVICES = dict.fromkeys(subjects.SERVICES, 1)
 
 
 @pytest.fixture(scope="module")
 async def stack(tmp_root: Path, nats_url: str, database_url: str) -> AsyncIterator[EmbeddedStack]:
-    env = {"AGENTBUS_LLM_PROVIDER": "replay", "AGENTBUS_LLM_REPLAY_FILE": str(PRIMES)}
-    async with EmbeddedStack(
-        home=tmp_root / "e2e-home",
-        replicas=SERVICES,
-        extra_env=env,
-        nats_url=nats_url,
-        database_url=database_url,
+    async with replay_stack(
+        tmp_root / "e2e-home", PRIMES, nats_url=nats_url, database_url=database_url
     ) as running:
         yield running
 

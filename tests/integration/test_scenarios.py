@@ -28,7 +28,7 @@ from agentbus.contracts import (
     subjects,
 )
 from agentbus.core.llm import Transcript
-from tests.support import eventually, run_task
+from tests.support import eventually, replay_stack, run_task
 
 pytestmark = pytest.mark.integration
 
@@ -53,18 +53,13 @@ async def stack(tmp_root: Path, nats_url: str, database_url: str) -> AsyncIterat
         )
     for scenario in SCENARIOS.glob("*.json"):
         (library / scenario.name).symlink_to(scenario)
-    env = {
-        "AGENTBUS_LLM_PROVIDER": "replay",
-        "AGENTBUS_LLM_REPLAY_FILE": str(library),
-        "AGENTBUS_EXECUTOR_CONCURRENCY": "1",  # so parallel steps need both executors
-    }
-    replicas = {**dict.fromkeys(subjects.SERVICES, 1), "executor": 2}
-    async with EmbeddedStack(
-        home=tmp_root / "scenario-home",
-        replicas=replicas,
-        extra_env=env,
+    async with replay_stack(
+        tmp_root / "scenario-home",
+        library,
         nats_url=nats_url,
         database_url=database_url,
+        replicas={**dict.fromkeys(subjects.SERVICES, 1), "executor": 2},
+        env={"AGENTBUS_EXECUTOR_CONCURRENCY": "1"},  # so parallel steps need both executors
     ) as running:
         yield running
 
