@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from .models import Contract, Usage
+from .models import Contract, ModelUsage, Usage
 
 TaskIdField = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The task this is about.")
 
@@ -177,9 +177,57 @@ class TaskHistoryRequest(Contract):
     task_id: str = TaskIdField
 
 
+class StepSummary(Contract):
+    id: str = Field(description="Step id within the plan.")
+    title: str = Field("", description="Short title of the step.")
+    status: str = Field(description="pending, running, completed or failed.")
+    attempt: int = Field(0, ge=0, description="Latest attempt seen (0: not started).")
+    output: str | None = Field(None, description="Output of the step, once completed.")
+    error: str | None = Field(None, description="Why the latest attempt failed, if it did.")
+
+
 class TaskHistoryReply(Reply):
     task: TaskSummary | None = Field(None, description="The task, or None if unknown.")
     events: list[StoredEvent] = Field(default_factory=list, description="Events in order.")
+    steps: list[StepSummary] = Field(
+        default_factory=list, description="Steps of the current plan and where each stands."
+    )
+
+
+class TaskListRequest(Contract):
+    status: TaskStatus | None = Field(None, description="Only tasks in this status.")
+    since: datetime | None = Field(None, description="Only tasks submitted at or after this.")
+    until: datetime | None = Field(None, description="Only tasks submitted before this.")
+    limit: int = Field(50, ge=1, le=1000, description="Most tasks to return, newest first.")
+
+
+class TaskListReply(Reply):
+    tasks: list[TaskSummary] = Field(default_factory=list, description="Newest first.")
+
+
+class CostsRequest(Contract):
+    since: datetime | None = Field(None, description="Tasks submitted at or after this.")
+    until: datetime | None = Field(None, description="Tasks submitted before this.")
+    top_tasks: int = Field(20, ge=0, le=1000, description="Most expensive tasks to list.")
+
+
+class TaskCost(Contract):
+    task_id: str = Field(description="Task id.")
+    goal: str = Field("", description="The task in plain words.")
+    status: TaskStatus = Field(description="Where the task stands.")
+    created_at: datetime = Field(description="When the task was submitted.")
+    usage: Usage = Field(default_factory=Usage, description="The task's LLM spend by model.")
+
+
+class CostsReply(Reply):
+    tasks: int = Field(0, ge=0, description="Tasks submitted in the range.")
+    total: ModelUsage = Field(default_factory=ModelUsage, description="Spend of all of them.")
+    by_model: dict[str, ModelUsage] = Field(
+        default_factory=dict, description="Spend per model over the range."
+    )
+    by_task: list[TaskCost] = Field(
+        default_factory=list, description="The most expensive tasks, costliest first."
+    )
 
 
 # --- health --------------------------------------------------------------------------

@@ -32,6 +32,8 @@ SANDBOX_DESTROY: Final = f"{RPC_ROOT}.sandbox.destroy"
 MEMORY_SAVE: Final = f"{RPC_ROOT}.memory.save"
 MEMORY_SEARCH: Final = f"{RPC_ROOT}.memory.search"
 MEMORY_TASK_HISTORY: Final = f"{RPC_ROOT}.memory.task_history"
+MEMORY_TASK_LIST: Final = f"{RPC_ROOT}.memory.task_list"
+MEMORY_COSTS: Final = f"{RPC_ROOT}.memory.costs"
 
 # Request/reply handlers of one service share a queue group, so replicas split the load.
 SANDBOX_QUEUE: Final = "agentbus-sandbox"
