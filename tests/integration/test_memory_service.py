@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -38,6 +39,7 @@ from agentbus.core.bus import publish_event, rpc
 from agentbus.core.settings import BusSettings
 from agentbus.memory import Settings, create_app
 from agentbus.memory.adapters.db import Database, migrations, run_migrations
+from agentbus.memory.adapters.embeddings import LocalEmbedder, load_minilm
 from agentbus.memory.handlers import answer_history
 from tests.support import dead_letters, eventually
 
@@ -51,6 +53,12 @@ WAIT_S = 20.0
 # --- fixtures --------------------------------------------------------------------------
 
 
+@functools.cache
+def minilm() -> Any:
+    """all-MiniLM-L6-v2, loaded once for every memory test module of the session."""
+    return load_minilm()
+
+
 @pytest.fixture(scope="module")
 async def memory(nats_url: str, database_url: str) -> AsyncIterator[FastStream]:
     """The memory app, started in this process as ``agentbus-memory`` would start it."""
@@ -58,7 +66,7 @@ async def memory(nats_url: str, database_url: str) -> AsyncIterator[FastStream]:
         database_url=database_url,
         bus=BusSettings(nats_url=nats_url, retry_backoff_s=0.1),
     )
-    app = create_app(settings)
+    app = create_app(settings, embedder=LocalEmbedder(load=minilm))
     async with TestApp(app):
         yield app
 

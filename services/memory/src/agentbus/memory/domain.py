@@ -16,6 +16,7 @@ Two jobs, both pure functions:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from pydantic import ValidationError
 from agentbus.contracts import (
     EVENT_TYPES,
     Event,
+    ModelUsage,
     PlanCreated,
     PlanStep,
     StepCompleted,
@@ -470,3 +472,87 @@ def _ended(
     if p.terminal:  # the first end wins; a second one is a late duplicate or a bug upstream
         return p
     return replace(p, status=status, usage=total, answer=answer, error=error)
+
+
+# --- semantic memory -----------------------------------------------------------------
+
+
+def content_hash(text: str) -> bytes:
+    """The embedding cache key of a text (with the model name): SHA-256 of its UTF-8."""
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+class TextTooLarge(ValueError):
+    """A text is over the service's size limit; the message gives both sizes."""
+
+
+def check_size(text: str, limit: int, what: str = "text") -> str:
+    """Return ``text`` if it is at most ``limit`` characters; else raise, never truncate."""
+    if len(text) > limit:
+        raise TextTooLarge(
+            f"{what} is {len(text)} characters; memory accepts at most {limit} and does "
+            "not truncate: split it into smaller pieces"
+        )
+    return text
+
+
+@dataclass(frozen=True)
+class NewMemory:
+    """A memory about to be stored (its embedding travels beside it)."""
+
+    memory_id: str
+    text: str
+    kind: str
+    metadata: dict[str, Any]
+    task_id: str | None
+    source: str
+
+
+@dataclass(frozen=True)
+class MemoryQuery:
+    """What to look for besides the query text: how many, and the filters."""
+
+    k: int
+    kind: str | None = None
+    task_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    min_score: float = -1.0
+
+
+@dataclass(frozen=True)
+class Found:
+    """One search hit; ``score`` is the cosine similarity, -1..1."""
+
+    memory_id: str
+    text: str
+    kind: str
+    score: float
+    task_id: str | None
+    metadata: dict[str, Any]
+
+
+# --- cost reports --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """Spend over a time range: task count, per-model sums (ModelUsage fields), top tasks."""
+
+    tasks: int
+    by_model: dict[str, dict[str, Any]]
+    costliest: list[TaskProjection]
+
+    def model_usage(self) -> dict[str, ModelUsage]:
+        return {
+            model: ModelUsage(
+                prompt_tokens=int(sums.get("prompt_tokens") or 0),
+                completion_tokens=int(sums.get("completion_tokens") or 0),
+                cached_tokens=int(sums.get("cached_tokens") or 0),
+                calls=int(sums.get("calls") or 0),
+                cost_usd=float(sums.get("cost_usd") or 0.0),
+            )
+            for model, sums in self.by_model.items()
+        }
+
+    def total(self) -> ModelUsage:
+        return Usage(by_model=self.model_usage()).total

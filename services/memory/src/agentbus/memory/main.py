@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Literal, Self
 
 import structlog
 from faststream import FastStream
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from agentbus.contracts import subjects
+from agentbus.core.bus import DeadLetterPolicy
 from agentbus.core.service import Service, run
 from agentbus.core.settings import CommonSettings
 
 from .adapters.db import Database, describe_dsn
+from .adapters.embeddings import Embedder, LocalEmbedder, OpenAIEmbedder
 from .handlers import MemoryDeps, register
+from .semantic import SemanticMemory
 
 log = structlog.get_logger(__name__)
 
@@ -43,8 +47,41 @@ class Settings(CommonSettings):
     connect_backoff_s: float = Field(
         0.5, gt=0, description="First wait between start-up retries; doubles, capped at 10s."
     )
-    event_workers: int = Field(
-        4, ge=1, description="Events one replica stores concurrently (its pull batch size)."
+    event_batch_size: int = Field(
+        100, ge=1, le=1000, description="Most events one replica stores in one transaction."
+    )
+    event_batch_wait_s: float = Field(
+        0.2, gt=0, description="Longest wait to fill an event batch (latency when quiet)."
+    )
+    events_durable: str = Field(
+        subjects.MEMORY_EVENTS_DURABLE,
+        description="Durable consumer name on the events stream, shared by all replicas.",
+    )
+    outage_backoff_s: float = Field(
+        0.5, gt=0, description="First wait before retrying a batch while Postgres is away."
+    )
+    outage_backoff_max_s: float = Field(
+        10, gt=0, description="Longest wait between retries while Postgres is away."
+    )
+    embedding_provider: Literal["local", "openai"] = Field(
+        "local",
+        description="local: all-MiniLM-L6-v2 on the CPU; openai: an OpenAI-compatible "
+        "/v1/embeddings endpoint (embedding_url, embedding_model).",
+    )
+    embedding_url: str = Field(
+        "", description="Base URL of the embeddings endpoint, e.g. http://host:8000/v1."
+    )
+    embedding_api_key: SecretStr = Field(SecretStr(""), description="Bearer token, if needed.")
+    embedding_model: str = Field("", description="Model name sent to the embeddings endpoint.")
+    embedding_batch_size: int = Field(64, ge=1, description="Texts per model call.")
+    embedding_timeout_s: float = Field(30, gt=0, description="Embeddings endpoint timeout.")
+    max_text_chars: int = Field(
+        20_000, ge=1, description="Longest text save or search accepts (never truncated)."
+    )
+    search_ef: int = Field(100, ge=1, le=1000, description="HNSW ef_search (recall vs speed).")
+    hnsw_m: int = Field(16, ge=2, le=100, description="HNSW m, when the index is built.")
+    hnsw_ef_construction: int = Field(
+        64, ge=4, le=1000, description="HNSW ef_construction, when the index is built."
     )
 
     @model_validator(mode="after")
@@ -54,6 +91,24 @@ class Settings(CommonSettings):
                 f"pool_min_size ({self.pool_min_size}) exceeds pool_max_size ({self.pool_max_size})"
             )
         return self
+
+    def embedder(self) -> Embedder:
+        """The configured embedding model (not loaded yet)."""
+        if self.embedding_provider == "openai":
+            if not self.embedding_url or not self.embedding_model:
+                raise ValueError(
+                    "embedding_provider=openai needs AGENTBUS_MEMORY_EMBEDDING_URL and "
+                    "AGENTBUS_MEMORY_EMBEDDING_MODEL"
+                )
+            return OpenAIEmbedder(
+                base_url=self.embedding_url,
+                model=self.embedding_model,
+                api_key=self.embedding_api_key.get_secret_value(),
+                timeout_s=self.embedding_timeout_s,
+                batch_size=self.embedding_batch_size,
+                max_chars=self.max_text_chars,
+            )
+        return LocalEmbedder(batch_size=self.embedding_batch_size)
 
     def require_database_url(self) -> str:
         url = self.database_url.get_secret_value().strip()
@@ -65,10 +120,23 @@ class Settings(CommonSettings):
         return url
 
 
-def create_app(settings: Settings) -> FastStream:
-    """The memory app; the database is opened when the app starts, not here."""
+def create_app(settings: Settings, *, embedder: Embedder | None = None) -> FastStream:
+    """The memory app; the database and the embedding model are opened when it starts.
+
+    ``embedder`` replaces the configured model (tests pass one to count its calls).
+    """
     service = Service.create("memory", settings)
-    deps = MemoryDeps(bus=settings.bus, event_workers=settings.event_workers)
+    dead_letters = DeadLetterPolicy("memory", settings.bus)
+    dead_letters.attach(service.broker)
+    deps = MemoryDeps(
+        bus=settings.bus,
+        dead_letters=dead_letters,
+        events_durable=settings.events_durable,
+        batch_size=settings.event_batch_size,
+        batch_wait_s=settings.event_batch_wait_s,
+        outage_backoff_s=settings.outage_backoff_s,
+        outage_backoff_max_s=settings.outage_backoff_max_s,
+    )
     register(service.broker, deps)
     service.readiness.append(deps.ready)
 
@@ -82,13 +150,33 @@ def create_app(settings: Settings) -> FastStream:
             backoff_s=settings.connect_backoff_s,
         )
         log.info("database open", database=describe_dsn(dsn))
+        # Loaded before subscribers start: a model that does not match the stored
+        # embeddings stops the service here, with the reason, not at the first search.
+        semantic = SemanticMemory(
+            deps.db,
+            embedder or settings.embedder(),
+            max_chars=settings.max_text_chars,
+            ef_search=settings.search_ef,
+        )
+        await semantic.start(
+            hnsw_m=settings.hnsw_m, hnsw_ef_construction=settings.hnsw_ef_construction
+        )
+        deps.semantic = semantic
+
+    async def stop_waiting() -> None:
+        deps.stopping.set()
 
     async def close_database() -> None:
+        semantic, deps.semantic = deps.semantic, None
+        if semantic is not None:
+            await semantic.embedder.close()
         db, deps.db = deps.db, None
         if db is not None:
             await db.close()
 
-    return service.app(on_startup=[open_database], after_shutdown=[close_database])
+    return service.app(
+        on_startup=[open_database], on_shutdown=[stop_waiting], after_shutdown=[close_database]
+    )
 
 
 def main() -> None:

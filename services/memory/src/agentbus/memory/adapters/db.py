@@ -50,12 +50,25 @@ _TRANSIENT: Final = (
 )
 # Anything the database or the driver can raise for a query.
 _DB_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# Errors that say nothing about the data: the server is down, restarting, shutting a
+# connection, or a concurrent transaction lost. Trying the same write later succeeds.
+_OUTAGE: Final = (
+    *_TRANSIENT,
+    asyncpg.InterfaceError,  # connection closed or reset under us
+    asyncpg.OperatorInterventionError,  # 57P01 admin shutdown (restart, pg_terminate_backend)
+    asyncpg.InsufficientResourcesError,
+    asyncpg.TransactionRollbackError,  # serialization failure, deadlock detected
+)
 
 _MIGRATION_FILE = re.compile(r"(\d{4})_(\w+)\.sql")
 
 
 class DatabaseUnavailable(Exception):
     """The database could not be reached or could not answer; the message says why."""
+
+
+class EmbeddingSpaceMismatch(RuntimeError):
+    """The database holds embeddings of another model or dimension than the configured one."""
 
 
 # --- migrations ----------------------------------------------------------------------
@@ -218,20 +231,192 @@ class Database:
     # --- writes ----------------------------------------------------------------------
 
     async def record(self, record: EventRecord, event: Event | None) -> bool:
-        """Store an event and fold it into its task, in one transaction.
+        """Store one event and fold it into its task (``record_batch`` of one)."""
+        (stored,) = await self.record_batch([domain.Incoming(record, event)])
+        return stored
 
-        Returns False if the event was already stored (redelivery): then nothing changes,
-        so its usage is never counted twice.
+    async def record_batch(self, items: Sequence[domain.Incoming]) -> list[bool]:
+        """Store events and fold them into their tasks, all in one transaction.
+
+        Returns, per item, whether it was stored now (False: already stored, a
+        redelivery; then it changes nothing, so its usage is never counted twice).
+        Raises ``DatabaseUnavailable`` for an outage (retry the same batch later) and
+        lets any other database error through (something in the batch is wrong).
+        """
+        if not items:
+            return []
+        records = [item.record for item in items]
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # One writer per task at a time, across replicas: the fold reads, then
+                # writes. Locks taken in one global order, so two batches never deadlock.
+                await conn.execute(
+                    _LOCK_TASKS, _TASK_LOCK_SPACE, sorted({r.task_id for r in records})
+                )
+                inserted = {
+                    r["event_id"] for r in await conn.fetch(_INSERT_EVENTS, *_columns(records))
+                }
+                stored: list[bool] = []
+                fresh: dict[str, list[tuple[int, Event]]] = {}
+                for item in items:
+                    event_id = item.record.event_id
+                    new = event_id in inserted
+                    inserted.discard(event_id)  # the same event twice in one batch: once
+                    stored.append(new)
+                    if new and item.event is not None:
+                        fresh.setdefault(item.record.task_id, []).append(
+                            (item.record.stream_seq, item.event)
+                        )
+                if fresh:
+                    await _project_batch(conn, fresh)
+        except _OUTAGE as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return stored
+
+    # --- semantic memory -------------------------------------------------------------
+
+    async def prepare_embeddings(
+        self, model: str, dimension: int, *, hnsw_m: int = 16, hnsw_ef_construction: int = 64
+    ) -> None:
+        """Bind the memories table to ``model``'s ``dimension`` (first start), or check it.
+
+        The first replica types ``memories.embedding`` as ``vector(dimension)`` and builds
+        the HNSW index (cosine); later starts only compare. Raises ``EmbeddingSpaceMismatch``
+        if the database already holds embeddings of another model or dimension.
         """
         async with self._pool.acquire() as conn, conn.transaction():
-            # One writer per task at a time, across replicas: the fold reads, then writes.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATIONS_LOCK)
+            row = await conn.fetchrow("SELECT model, dimension FROM memory_space")
+            if row is not None:
+                if (row["model"], row["dimension"]) != (model, dimension):
+                    raise EmbeddingSpaceMismatch(
+                        f"the database holds {row['dimension']}-d embeddings of "
+                        f"{row['model']!r}, but memory is configured with {model!r} "
+                        f"({dimension}-d); configure that model again, or use another "
+                        "database (re-embedding is not supported)"
+                    )
+                return
+            # Inputs are an int and ints from settings, never text: safe to format.
             await conn.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))", _TASK_LOCK_SPACE, record.task_id
+                f"ALTER TABLE memories ALTER COLUMN embedding TYPE vector({int(dimension)})"
             )
-            inserted = await conn.fetchval(_INSERT_EVENT, *_event_values(record))
-            if inserted and event is not None:
-                await _project(conn, event, record.stream_seq)
-        return bool(inserted)
+            await conn.execute(
+                "CREATE INDEX memories_embedding_hnsw ON memories "
+                "USING hnsw (embedding vector_cosine_ops) "
+                f"WITH (m = {int(hnsw_m)}, ef_construction = {int(hnsw_ef_construction)})"
+            )
+            await conn.execute(
+                "INSERT INTO memory_space (model, dimension) VALUES ($1, $2)", model, dimension
+            )
+            log.info("memories bound to an embedding model", model=model, dimension=dimension)
+
+    async def cached_embeddings(self, model: str, hashes: Sequence[bytes]) -> dict[bytes, Any]:
+        """Cached embeddings of ``model`` by content hash (only those found)."""
+        try:
+            rows = await self._pool.fetch(_CACHED, model, list(hashes))
+        except _DB_ERRORS as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return {bytes(r["sha256"]): r["embedding"].to_numpy() for r in rows}
+
+    async def cache_embeddings(self, model: str, items: Sequence[tuple[bytes, Any]]) -> None:
+        """Remember embeddings of ``model`` by content hash (first writer wins)."""
+        if not items:
+            return
+        try:
+            await self._pool.executemany(_CACHE, [(model, h, v) for h, v in items])
+        except _DB_ERRORS as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def save_memory(self, memory: domain.NewMemory, embedding: Any) -> None:
+        try:
+            await self._pool.execute(
+                _INSERT_MEMORY,
+                memory.memory_id,
+                memory.text,
+                memory.kind,
+                memory.metadata,
+                memory.task_id,
+                memory.source,
+                embedding,
+            )
+        except _DB_ERRORS as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def search_memories(
+        self, embedding: Any, query: domain.MemoryQuery, *, ef_search: int = 100
+    ) -> list[domain.Found]:
+        """The ``query.k`` memories nearest to ``embedding`` that pass the filters.
+
+        The HNSW index answers with an iterative scan (pgvector 0.8, relaxed order), so
+        a selective filter still yields k results when k exist; the outer query restores
+        the exact order and applies the least score.
+        """
+        try:
+            async with self._pool.acquire(timeout=10) as conn, conn.transaction():
+                await conn.execute(
+                    "SELECT set_config('hnsw.ef_search', $1, true), "
+                    "set_config('hnsw.iterative_scan', 'relaxed_order', true)",
+                    str(max(ef_search, query.k)),
+                )
+                rows = await conn.fetch(
+                    _SEARCH,
+                    embedding,
+                    query.kind,
+                    query.task_id,
+                    query.metadata,
+                    query.k,
+                    query.min_score,
+                )
+        except _DB_ERRORS as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return [
+            domain.Found(
+                memory_id=r["memory_id"],
+                text=r["text"],
+                kind=r["kind"],
+                score=float(r["score"]),
+                task_id=r["task_id"],
+                metadata=r["metadata"],
+            )
+            for r in rows
+        ]
+
+    # --- queries for people ------------------------------------------------------------
+
+    async def list_tasks(
+        self,
+        *,
+        status: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        limit: int,
+    ) -> list[TaskProjection]:
+        """Tasks submitted in [since, until), newest first, optionally of one status."""
+        try:
+            rows = await self._pool.fetch(_LIST_TASKS, status, since, until, limit)
+        except _DB_ERRORS as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return [TaskProjection.from_row(r) for r in rows]
+
+    async def costs(
+        self, *, since: datetime | None, until: datetime | None, top_tasks: int
+    ) -> domain.CostReport:
+        """LLM spend of the tasks submitted in [since, until): totals, by model, by task."""
+        try:
+            async with (
+                self._pool.acquire(timeout=10) as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                count = await conn.fetchval(_COUNT_TASKS, since, until)
+                by_model = await conn.fetch(_COSTS_BY_MODEL, since, until)
+                top = await conn.fetch(_COSTLIEST_TASKS, since, until, top_tasks)
+        except _DB_ERRORS as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return domain.CostReport(
+            tasks=int(count),
+            by_model={r["model"]: dict(r) for r in by_model},
+            costliest=[TaskProjection.from_row(r) for r in top],
+        )
 
     # --- reads -----------------------------------------------------------------------
 
@@ -251,12 +436,19 @@ class Database:
 
 # --- queries -------------------------------------------------------------------------
 
-_INSERT_EVENT = """
+_LOCK_TASKS = """
+SELECT pg_advisory_xact_lock($1, h)
+FROM (SELECT DISTINCT hashtext(t) AS h FROM unnest($2::text[]) AS t ORDER BY 1) AS ordered
+"""
+
+_INSERT_EVENTS = """
 INSERT INTO events (event_id, task_id, type, subject, stream_seq, schema_version,
                     occurred_at, payload)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+SELECT e, t, ty, su, sq, v, o, p::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::int[],
+            $7::timestamptz[], $8::text[]) AS x(e, t, ty, su, sq, v, o, p)
 ON CONFLICT (event_id) DO NOTHING
-RETURNING true
+RETURNING event_id
 """
 
 _TASK_EVENTS = """
@@ -288,6 +480,7 @@ _TASK_COLUMNS = (
 )
 
 _SELECT_TASK = f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks WHERE task_id = $1"  # noqa: S608
+_SELECT_TASKS = f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks WHERE task_id = ANY($1::text[])"  # noqa: S608
 
 _UPSERT_TASK = f"""
 INSERT INTO tasks ({", ".join(_TASK_COLUMNS)})
@@ -297,36 +490,117 @@ ON CONFLICT (task_id) DO UPDATE SET
 """  # noqa: S608 - built from the constant column list above, no input
 
 
-def _event_values(record: EventRecord) -> Sequence[Any]:
-    return (
-        record.event_id,
-        record.task_id,
-        record.type,
-        record.subject,
-        record.stream_seq,
-        record.schema_version,
-        record.occurred_at,
-        record.payload,
-    )
+_CACHED = """
+SELECT sha256, embedding FROM embedding_cache WHERE model = $1 AND sha256 = ANY($2::bytea[])
+"""
+
+_CACHE = """
+INSERT INTO embedding_cache (model, sha256, embedding) VALUES ($1, $2, $3)
+ON CONFLICT (model, sha256) DO NOTHING
+"""
+
+_INSERT_MEMORY = """
+INSERT INTO memories (memory_id, text, kind, metadata, task_id, source, embedding)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+"""
+
+# Filters go inside, next to the index scan (iterative scans keep scanning until k rows
+# pass them); relaxed_order may return rows slightly out of order, so sort again outside.
+_SEARCH = """
+WITH nearest AS MATERIALIZED (
+    SELECT memory_id, text, kind, task_id, metadata, embedding <=> $1 AS distance
+    FROM memories
+    WHERE ($2::text IS NULL OR kind = $2)
+      AND ($3::text IS NULL OR task_id = $3)
+      AND metadata @> $4::jsonb
+    ORDER BY embedding <=> $1
+    LIMIT $5
+)
+SELECT memory_id, text, kind, task_id, metadata, 1 - distance AS score
+FROM nearest
+WHERE 1 - distance >= $6
+ORDER BY distance
+"""
+
+_IN_RANGE = (
+    "($1::timestamptz IS NULL OR created_at >= $1) AND ($2::timestamptz IS NULL OR created_at < $2)"
+)
+
+_LIST_TASKS = f"""
+SELECT {", ".join(_TASK_COLUMNS)} FROM tasks
+WHERE ($1::text IS NULL OR status = $1)
+  AND ($2::timestamptz IS NULL OR created_at >= $2)
+  AND ($3::timestamptz IS NULL OR created_at < $3)
+ORDER BY created_at DESC, task_id
+LIMIT $4
+"""  # noqa: S608 - built from the constant column list above, no input
+
+_COUNT_TASKS = f"SELECT count(*) FROM tasks WHERE {_IN_RANGE}"  # noqa: S608
+
+_COSTS_BY_MODEL = f"""
+SELECT m.key AS model,
+       sum((m.value->>'prompt_tokens')::bigint)     AS prompt_tokens,
+       sum((m.value->>'completion_tokens')::bigint) AS completion_tokens,
+       sum((m.value->>'cached_tokens')::bigint)     AS cached_tokens,
+       sum((m.value->>'calls')::bigint)             AS calls,
+       sum((m.value->>'cost_usd')::float8)          AS cost_usd
+FROM tasks, jsonb_each(usage->'by_model') AS m
+WHERE {_IN_RANGE}
+GROUP BY m.key
+ORDER BY m.key
+"""  # noqa: S608 - constant fragments only
+
+_COSTLIEST_TASKS = f"""
+SELECT {", ".join(_TASK_COLUMNS)} FROM tasks
+WHERE {_IN_RANGE}
+ORDER BY (SELECT coalesce(sum((m.value->>'cost_usd')::float8), 0)
+          FROM jsonb_each(usage->'by_model') AS m) DESC, created_at DESC
+LIMIT $3
+"""  # noqa: S608 - constant fragments only
+
+
+def _columns(records: Sequence[EventRecord]) -> list[list[Any]]:
+    """The event rows column by column, for ``unnest``."""
+    return [
+        [r.event_id for r in records],
+        [r.task_id for r in records],
+        [r.type for r in records],
+        [r.subject for r in records],
+        [r.stream_seq for r in records],
+        [r.schema_version for r in records],
+        [r.occurred_at for r in records],
+        [_dumps(r.payload) for r in records],
+    ]
+
+
+async def _project_batch(
+    conn: asyncpg.Connection, fresh: dict[str, list[tuple[int, Event]]]
+) -> None:
+    """Fold newly stored events into their tasks: on top of each projection when they
+    are newer than it, else by replaying the task's stored history (one came late)."""
+    rows = await conn.fetch(_SELECT_TASKS, list(fresh))
+    current = {r["task_id"]: TaskProjection.from_row(r) for r in rows}
+    upserts: list[list[Any]] = []
+    for task_id, history in fresh.items():
+        history.sort(key=lambda pair: pair[0])
+        before = current.get(task_id)
+        if domain.in_order(before, history[0][0]):
+            updated = before
+            for seq, event in history:
+                updated = domain.apply(updated, event, seq)
+        else:
+            log.debug("event arrived out of order; replaying the task", task_id=task_id)
+            updated = domain.replay(await _known_history(conn, task_id))
+        if updated is not None and updated != before:
+            row = updated.to_row()
+            upserts.append([row[c] for c in _TASK_COLUMNS])
+    if upserts:
+        await conn.executemany(_UPSERT_TASK, upserts)
 
 
 async def _load_projection(conn: asyncpg.Connection, task_id: str) -> TaskProjection | None:
     row = await conn.fetchrow(_SELECT_TASK, task_id)
     return None if row is None else TaskProjection.from_row(row)
-
-
-async def _project(conn: asyncpg.Connection, event: Event, seq: int) -> None:
-    """Fold ``event`` into its task: on top of the projection if it is the newest event,
-    else by replaying the task's stored history (it arrived late, e.g. after a retry)."""
-    current = await _load_projection(conn, event.task_id)
-    if domain.in_order(current, seq):
-        updated = domain.apply(current, event, seq)
-    else:
-        log.debug("event arrived out of order; replaying the task", seq=seq)
-        updated = domain.replay(await _known_history(conn, event.task_id))
-    if updated is not None and updated != current:
-        row = updated.to_row()
-        await conn.execute(_UPSERT_TASK, *(row[c] for c in _TASK_COLUMNS))
 
 
 async def _known_history(conn: asyncpg.Connection, task_id: str) -> list[tuple[int, Event]]:
