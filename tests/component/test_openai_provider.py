@@ -1,10 +1,12 @@
 """The OpenAI-compatible adapter against a real HTTP server on loopback that speaks
-the chat-completions protocol with scripted replies."""
+the chat-completions protocol with scripted replies. The server is protocol-agnostic
+(it records what it gets and plays scripted replies); the Anthropic tests use it too."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +22,7 @@ class Scripted:
     status: int = 200
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds to wait before answering (to provoke client timeouts)
 
 
 @dataclass
@@ -27,6 +30,50 @@ class FakeOpenAI:
     replies: list[Scripted] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     auth: list[str] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)  # time.monotonic() per request
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[FakeOpenAI, str]]:
+    state = FakeOpenAI()
+    stopping = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            state.arrived.append(time.monotonic())
+            length = int(self.headers["Content-Length"])
+            state.requests.append({"path": self.path, **json.loads(self.rfile.read(length))})
+            state.auth.append(self.headers.get("Authorization", ""))
+            state.headers.append({k.lower(): v for k, v in self.headers.items()})
+            reply = state.replies.pop(0)
+            if reply.delay and stopping.wait(reply.delay):
+                return
+            payload = (
+                reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+            )
+            try:
+                self.send_response(reply.status)
+                for k, v in reply.headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            except OSError:
+                return  # the client gave up (timed out) before we answered
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    # A short poll interval lets shutdown() return at once instead of after 0.5 s.
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    yield state, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    stopping.set()
+    httpd.shutdown()
+    httpd.server_close()
 
 
 def completion(message: dict[str, Any], **usage: Any) -> dict[str, Any]:
@@ -36,38 +83,6 @@ def completion(message: dict[str, Any], **usage: Any) -> dict[str, Any]:
         "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
         "usage": {"prompt_tokens": 100, "completion_tokens": 20, **usage},
     }
-
-
-@pytest.fixture
-def server() -> Iterator[tuple[FakeOpenAI, str]]:
-    state = FakeOpenAI()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers["Content-Length"])
-            state.requests.append({"path": self.path, **json.loads(self.rfile.read(length))})
-            state.auth.append(self.headers.get("Authorization", ""))
-            reply = state.replies.pop(0)
-            payload = (
-                reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
-            )
-            self.send_response(reply.status)
-            for k, v in reply.headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args: object) -> None:
-            return
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield state, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def provider(url: str, **kw: Any) -> OpenAIProvider:
@@ -184,3 +199,29 @@ async def test_unreachable_endpoint_says_where() -> None:
     with pytest.raises(LLMError, match=r"cannot reach the LLM at http://127\.0\.0\.1:9/v1"):
         await llm.chat(REQUEST)
     await llm.aclose()
+
+
+async def test_500_then_success(server: tuple[FakeOpenAI, str]) -> None:
+    state, url = server
+    state.replies += [
+        Scripted(500, {"error": "boom"}),
+        Scripted(body=completion({"role": "assistant", "content": "ok"})),
+    ]
+    llm = provider(url)
+    reply = await llm.chat(REQUEST)
+    await llm.aclose()
+    assert reply.message.content == "ok"
+    assert len(state.requests) == 2
+
+
+async def test_timeout_is_retried_then_a_clear_retryable_error(
+    server: tuple[FakeOpenAI, str],
+) -> None:
+    state, url = server
+    state.replies += [Scripted(body=completion({"role": "assistant"}), delay=2)] * 2
+    llm = provider(url, timeout_s=0.05, max_attempts=2)
+    with pytest.raises(LLMError, match=r"timed out after 0\.05 s") as info:
+        await llm.chat(REQUEST)
+    await llm.aclose()
+    assert info.value.retryable
+    assert len(state.requests) == 2

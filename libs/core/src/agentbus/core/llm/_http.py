@@ -1,0 +1,169 @@
+"""The HTTP transport every provider adapter shares: one httpx client, the retry policy
+(exponential backoff with jitter, honouring Retry-After), and the mapping of HTTP,
+transport and body errors to :class:`LLMError` with actionable hints.
+
+Adapters only translate between our neutral format and their wire format."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+from tenacity.wait import wait_base
+
+from agentbus.contracts import utcnow
+
+from .base import LLMError
+
+T = TypeVar("T")
+
+# 529 is Anthropic's "overloaded"; 408/409 are worth one more try on every provider.
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+_HINTS = {
+    401: "the API key was refused; check AGENTBUS_LLM_API_KEY",
+    403: "the API key may not use this model; check AGENTBUS_LLM_API_KEY",
+    404: "unknown model or wrong base URL; check AGENTBUS_LLM_MODEL and AGENTBUS_LLM_BASE_URL",
+}
+
+
+class RetryAfterError(LLMError):
+    """A retryable HTTP error that may carry the server's Retry-After, in seconds."""
+
+    def __init__(self, message: str, *, status: int, retry_after: float | None) -> None:
+        super().__init__(message, retryable=True, status=status)
+        self.retry_after = retry_after
+
+
+class WaitRetryAfter(wait_base):
+    """Honour the server's Retry-After when it gives one (capped); else the fallback."""
+
+    def __init__(self, fallback: wait_base, cap: float) -> None:
+        self.fallback = fallback
+        self.cap = cap
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, RetryAfterError) and exc.retry_after is not None:
+            return min(self.cap, exc.retry_after)
+        return float(self.fallback(retry_state))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: either a number or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - utcnow()).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def http_error(resp: httpx.Response) -> LLMError:
+    """The LLMError for an HTTP error reply: retryable for 429/5xx, else with a hint."""
+    detail = resp.text[:300]
+    status = resp.status_code
+    if status in RETRYABLE_STATUS:
+        return RetryAfterError(
+            f"LLM returned HTTP {status}: {detail}",
+            status=status,
+            retry_after=parse_retry_after(resp.headers.get("retry-after")),
+        )
+    hint = _HINTS.get(status, "the request was rejected")
+    return LLMError(f"LLM returned HTTP {status} ({hint}): {detail}", status=status)
+
+
+class HttpTransport:
+    """POSTs JSON to one base URL and reads the JSON answer, retrying what may pass."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        headers: Mapping[str, str],
+        timeout_s: float,
+        max_attempts: int,
+        max_wait_s: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers=dict(headers),
+            timeout=timeout_s,
+            transport=transport,
+        )
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.max_wait_s = max_wait_s
+
+    @property
+    def base_url(self) -> str:
+        return str(self._client.base_url).rstrip("/")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def post_json(
+        self, path: str, body: dict[str, Any], read: Callable[[dict[str, Any]], T]
+    ) -> T:
+        """POST ``body`` to ``path`` and return ``read(answer)``.
+
+        ``read`` turns the decoded JSON object into the adapter's result; a KeyError,
+        IndexError, TypeError or ValueError it raises means the answer is malformed.
+        Timeouts, unreachable hosts, 429/5xx and malformed answers are retried with
+        backoff and jitter (Retry-After wins when given); other HTTP errors are not."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda e: isinstance(e, LLMError) and e.retryable),
+            stop=stop_after_attempt(self.max_attempts),
+            wait=WaitRetryAfter(
+                wait_random_exponential(multiplier=0.5, max=self.max_wait_s), self.max_wait_s
+            ),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._post_once(path, body, read)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _post_once(
+        self, path: str, body: dict[str, Any], read: Callable[[dict[str, Any]], T]
+    ) -> T:
+        try:
+            resp = await self._client.post(path, json=body)
+        except httpx.TimeoutException as exc:
+            raise LLMError(
+                f"LLM call to {self.base_url} timed out after {self.timeout_s:g} s: {exc!r}",
+                retryable=True,
+            ) from exc
+        except httpx.TransportError as exc:
+            raise LLMError(
+                f"cannot reach the LLM at {self.base_url}: {exc!r}", retryable=True
+            ) from exc
+        if resp.status_code >= 400:
+            raise http_error(resp)
+        try:
+            data = resp.json()
+            return read(_json_object(data))
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise LLMError(
+                f"LLM answered with malformed JSON: {resp.text[:300]!r}", retryable=True
+            ) from exc
+
+
+def _json_object(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+    return data
