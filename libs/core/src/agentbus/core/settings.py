@@ -51,13 +51,20 @@ class LLMSettings(BaseSettings):
     """Which LLM to talk to. Env prefix ``AGENTBUS_LLM_``.
 
     ``provider`` defaults to ``openai`` when a base URL is set and to ``replay`` when a
-    replay file is set; with neither, no LLM is configured.
+    replay file is set; with neither, no LLM is configured. ``anthropic`` is only used
+    when asked for, and then the base URL defaults to Anthropic's public API.
     """
 
     model_config = SettingsConfigDict(env_prefix="AGENTBUS_LLM_", extra="ignore")
 
-    provider: Literal["openai", "replay", ""] = Field("", description="openai | replay.")
-    base_url: str = Field("", description="OpenAI-compatible base URL, e.g. http://host:8000/v1.")
+    provider: Literal["openai", "anthropic", "replay", ""] = Field(
+        "", description="openai (any OpenAI-compatible endpoint) | anthropic | replay."
+    )
+    base_url: str = Field(
+        "",
+        description="OpenAI-compatible base URL, e.g. http://host:8000/v1; for anthropic the "
+        "API root, with or without /v1 (default https://api.anthropic.com).",
+    )
     api_key: SecretStr | None = Field(None, description="API key for the provider.")
     model: str = Field("", description="Model name for every call unless overridden.")
     planner_model: str = Field("", description="Model for planning (defaults to model).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..settings import LLMSettings
+from .anthropic import ANTHROPIC_API_URL, ANTHROPIC_VERSION, AnthropicProvider
 from .base import ChatRequest, ChatResponse, LLMError, LLMProvider, Message, ToolCall, ToolSpec
 from .openai import OpenAIProvider
 from .pricing import Price, PriceTable
@@ -15,6 +16,10 @@ NOT_CONFIGURED_HINT = """no LLM is configured. Point agentbus at an OpenAI-compa
     export AGENTBUS_LLM_BASE_URL=https://api.openai.com/v1  # Ollama: http://localhost:11434/v1
     export AGENTBUS_LLM_MODEL=gpt-4o-mini
     export AGENTBUS_LLM_API_KEY=sk-...                        # if the endpoint needs one
+or at Anthropic's Messages API:
+    export AGENTBUS_LLM_PROVIDER=anthropic
+    export AGENTBUS_LLM_MODEL=claude-sonnet-4-20250514
+    export AGENTBUS_LLM_API_KEY=sk-ant-...
 or run the offline demo, which replays a recorded model:
     make demo          (or: agentbus run --replay examples/primes)"""
 
@@ -34,23 +39,40 @@ def _base_provider(settings: LLMSettings, role: Literal["planner", "executor"]) 
         if settings.replay_file is None:
             raise LLMError("AGENTBUS_LLM_PROVIDER=replay needs AGENTBUS_LLM_REPLAY_FILE")
         return ReplayProvider.from_file(settings.replay_file, prices)
+    model = (settings.planner_model if role == "planner" else settings.executor_model) or (
+        settings.model
+    )
+    key = settings.api_key.get_secret_value() if settings.api_key else None
     if kind == "openai":
-        model = (settings.planner_model if role == "planner" else settings.executor_model) or (
-            settings.model
-        )
         if not settings.base_url or not model:
             raise LLMError(
                 "the OpenAI-compatible provider needs AGENTBUS_LLM_BASE_URL and AGENTBUS_LLM_MODEL"
             )
-        key = settings.api_key.get_secret_value() if settings.api_key else None
         return OpenAIProvider(
             settings.base_url, api_key=key, model=model, prices=prices, timeout_s=settings.timeout_s
+        )
+    if kind == "anthropic":
+        # A key is optional only behind a proxy of one's own (a base URL is set).
+        if not model or not (key or settings.base_url):
+            raise LLMError(
+                "the Anthropic provider needs AGENTBUS_LLM_MODEL and AGENTBUS_LLM_API_KEY "
+                f"(AGENTBUS_LLM_BASE_URL defaults to {ANTHROPIC_API_URL})"
+            )
+        return AnthropicProvider(
+            settings.base_url or ANTHROPIC_API_URL,
+            api_key=key,
+            model=model,
+            prices=prices,
+            timeout_s=settings.timeout_s,
         )
     raise LLMError(NOT_CONFIGURED_HINT)
 
 
 __all__ = [
+    "ANTHROPIC_API_URL",
+    "ANTHROPIC_VERSION",
     "NOT_CONFIGURED_HINT",
+    "AnthropicProvider",
     "ChatRequest",
     "ChatResponse",
     "LLMError",
