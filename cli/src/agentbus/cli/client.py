@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import nats
 from faststream.nats import NatsBroker
 from nats.js.api import DeliverPolicy
+from opentelemetry.trace import TracerProvider
 
 from agentbus.contracts import (
     TERMINAL_EVENT_TYPES,
@@ -23,9 +24,11 @@ from agentbus.core.settings import BusSettings
 
 
 @contextlib.asynccontextmanager
-async def connect(nats_url: str) -> AsyncIterator[NatsBroker]:
+async def connect(
+    nats_url: str, tracer_provider: TracerProvider | None = None
+) -> AsyncIterator[NatsBroker]:
     settings = BusSettings(nats_url=nats_url)
-    broker = create_broker("cli", settings)
+    broker = create_broker("cli", settings, tracer_provider=tracer_provider)
     await broker.connect()
     try:
         await ensure_streams(broker.config.connection_state.stream, settings)

@@ -31,10 +31,12 @@ from agentbus.contracts import (
     subjects,
     utcnow,
 )
+from agentbus.core import semconv
 from agentbus.core.bus import RpcError
 from agentbus.core.llm import NOT_CONFIGURED_HINT, LLMError, build_transcript
 from agentbus.core.llm.replay import load_transcripts
-from agentbus.core.settings import LLMSettings
+from agentbus.core.settings import LLMSettings, TelemetrySettings
+from agentbus.core.tracing import build_tracer_provider
 
 from . import client
 from .render import render_event, render_usage
@@ -140,9 +142,22 @@ async def _run(args: argparse.Namespace) -> int:
         env["AGENTBUS_LLM_RECORD_DIR"] = _calls_dir(args.record)
     budget = _budget(args)
     task = TaskSubmitted(task_id=new_id("tsk"), goal=goal, budget=budget, submitted_by="cli")
+    telemetry = TelemetrySettings()
+    provider = build_tracer_provider("cli", telemetry)
+    tracer = provider.get_tracer("agentbus.cli")
     try:
-        async with bus(home, ALL_SERVICES, env) as (url, embedded), client.connect(url) as broker:
-            code = await _submit_and_follow(broker, task, home, embedded)
+        async with (
+            bus(home, ALL_SERVICES, env) as (url, embedded),
+            client.connect(url, provider) as broker,
+        ):
+            # The task's root span: every service's spans for it hang below this one.
+            with tracer.start_as_current_span(
+                semconv.SPAN_TASK, attributes={semconv.TASK_ID: task.task_id}
+            ) as span:
+                trace_id = format(span.get_span_context().trace_id, "032x")
+                code = await _submit_and_follow(broker, task, home, embedded)
+        _print_trace(trace_id, telemetry)
+        await asyncio.to_thread(provider.shutdown)  # flush the spans
     except StackError as exc:
         print(f"agentbus: the embedded stack did not start: {exc}", file=sys.stderr)
         return 3
@@ -150,6 +165,13 @@ async def _run(args: argparse.Namespace) -> int:
         calls = Path(env["AGENTBUS_LLM_RECORD_DIR"]) / task.task_id
         await asyncio.to_thread(_save_recording, Path(args.record), calls, goal)
     return code
+
+
+def _print_trace(trace_id: str, telemetry: TelemetrySettings) -> None:
+    if telemetry.enabled:
+        print(f"trace: {trace_id}  {telemetry.jaeger_ui_url.rstrip('/')}/trace/{trace_id}")
+    else:
+        print(f"trace: {trace_id} (not exported: set OTEL_EXPORTER_OTLP_ENDPOINT to send traces)")
 
 
 def _calls_dir(record: str) -> str:

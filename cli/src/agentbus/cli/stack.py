@@ -254,6 +254,27 @@ async def wait_ready(
         await nc.close()
 
 
+async def drain_consumer(nats_url: str, durable: str, *, timeout: float = 15.0) -> bool:
+    """Wait until a durable consumer of the events stream has nothing pending or unacked."""
+    import nats
+
+    nc = await nats.connect(nats_url, connect_timeout=5)
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
+            except Exception:  # noqa: BLE001 - no consumer (yet): nothing to wait for
+                return True
+            if not info.num_pending and not info.num_ack_pending:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+    finally:
+        await nc.close()
+
+
 @dataclass
 class EmbeddedStack:
     """nats-server + Postgres + services, all stopped on exit (no orphans)."""
@@ -307,6 +328,9 @@ class EmbeddedStack:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc_type is None and self.nats is not None and self.replicas.get("memory"):
+            # Our NATS goes away with us: let memory store every event first.
+            await drain_consumer(self.nats.url, subjects.MEMORY_EVENTS_DURABLE)
         await asyncio.to_thread(self.stop)
 
     def stop(self) -> None:

@@ -33,12 +33,15 @@ from faststream.exceptions import NackMessage
 from faststream.middlewares import BaseMiddleware
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
+from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 
 from agentbus.contracts import Event, HealthReply, HealthRequest, Reply, subjects, utcnow
 
+from . import semconv
 from .settings import BusSettings
 
 if TYPE_CHECKING:
@@ -48,6 +51,7 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.api import PubAck
     from opentelemetry.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
 
 log = structlog.get_logger(__name__)
 
@@ -237,6 +241,21 @@ class _DeadLetterMiddleware(BaseMiddleware):
         return False
 
 
+class _TaskContextMiddleware(BaseMiddleware):
+    """Binds ``task_id`` (from the subject ``agentbus.tasks.<task_id>.<type>``) to the
+    logs and the current span of every event handler, and unbinds it afterwards."""
+
+    async def consume_scope(self, call_next: Callable[[Any], Any], msg: Any) -> Any:
+        subject = getattr(self.msg, "subject", "") or ""
+        prefix = f"{subjects.EVENTS_ROOT}."
+        if not subject.startswith(prefix):
+            return await call_next(msg)
+        task_id = subject[len(prefix) :].split(".", 1)[0]
+        trace.get_current_span().set_attribute(semconv.TASK_ID, task_id)
+        with structlog.contextvars.bound_contextvars(task_id=task_id):
+            return await call_next(msg)
+
+
 # --- broker ----------------------------------------------------------------------------
 
 
@@ -245,13 +264,17 @@ def create_broker(
     settings: BusSettings,
     *,
     tracer_provider: TracerProvider | None = None,
+    metrics: CollectorRegistry | None = None,
 ) -> NatsBroker:
-    """A NatsBroker with tracing and dead-lettering; connects when started."""
+    """A NatsBroker with tracing, metrics and dead-lettering; connects when started."""
     policy = DeadLetterPolicy(service, settings)
+    middlewares: list[Any] = [NatsTelemetryMiddleware(tracer_provider=tracer_provider)]
+    if metrics is not None:
+        middlewares.append(NatsPrometheusMiddleware(registry=metrics, app_name=service))
     broker = NatsBroker(
         settings.servers,
         name=f"agentbus-{service}",
-        middlewares=[NatsTelemetryMiddleware(tracer_provider=tracer_provider), policy],
+        middlewares=[*middlewares, _TaskContextMiddleware, policy],
         logger=structlog.get_logger("faststream"),
         log_level=logging.DEBUG,  # per-message "Received/Processed" lines only at debug
         max_reconnect_attempts=-1,

@@ -4,15 +4,21 @@ declared before subscribers start, AsyncAPI info, and ``run`` for ``main()``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import uvicorn
 from faststream import FastStream
+from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
 from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry, Gauge, make_asgi_app
+
+from agentbus.contracts import subjects
 
 from .bus import add_health_responder, create_broker, ensure_streams
 from .logging import configure_logging, get_logger
@@ -30,6 +36,7 @@ class Service:
     settings: CommonSettings
     broker: NatsBroker
     tracer_provider: TracerProvider
+    metrics: CollectorRegistry
     readiness: list[Callable[[], Awaitable[bool]]] = field(default_factory=list)
 
     @classmethod
@@ -41,8 +48,9 @@ class Service:
         tracer_provider: TracerProvider | None = None,
     ) -> Service:
         provider = tracer_provider or build_tracer_provider(name, settings.telemetry)
-        broker = create_broker(name, settings.bus, tracer_provider=provider)
-        service = cls(name, settings, broker, provider)
+        metrics = CollectorRegistry()
+        broker = create_broker(name, settings.bus, tracer_provider=provider, metrics=metrics)
+        service = cls(name, settings, broker, provider, metrics)
         add_health_responder(broker, name, service.ready)
         return service
 
@@ -66,14 +74,17 @@ class Service:
             await self.broker.connect()
             await ensure_streams(self.broker.config.connection_state.stream, self.settings.bus)
 
+        lag = _ConsumerLag(self, prefix=self.name)
+
         async def flush_traces() -> None:
             await asyncio.to_thread(self.tracer_provider.shutdown)
 
-        return FastStream(
+        app = FastStream(
             self.broker,
             logger=get_logger(f"agentbus.{self.name}"),
             on_startup=[declare_streams, *on_startup],
-            on_shutdown=[*on_shutdown],
+            after_startup=[lag.start],
+            on_shutdown=[lag.stop, *on_shutdown],
             after_shutdown=[*after_shutdown, flush_traces],
             specification=AsyncAPI(
                 title=f"agentbus {self.name}",
@@ -81,17 +92,94 @@ class Service:
                 description=f"Messages the agentbus {self.name} service consumes and produces.",
             ),
         )
+        app.context.set_global("agentbus_service", self)
+        return app
 
 
 S = TypeVar("S", bound=CommonSettings)
 
 
+class _ConsumerLag:
+    """``agentbus_consumer_pending{durable}``: messages waiting for this service's durable
+    consumers (the queue depth an autoscaler reads), refreshed every few seconds."""
+
+    def __init__(self, service: Service, prefix: str, every_s: float = 5.0) -> None:
+        self.service = service
+        self.prefix = prefix
+        self.every_s = every_s
+        self.pending = Gauge(
+            "agentbus_consumer_pending",
+            "Messages not yet delivered to a durable consumer.",
+            ("durable",),
+            registry=service.metrics,
+        )
+        self.ack_pending = Gauge(
+            "agentbus_consumer_ack_pending",
+            "Messages delivered and not yet acknowledged.",
+            ("durable",),
+            registry=service.metrics,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        js = self.service.broker.config.connection_state.stream
+        while True:
+            with contextlib.suppress(Exception):  # a metric must never take the service down
+                consumers = await js.consumers_info(subjects.EVENTS_STREAM)
+                for info in consumers:
+                    name = info.name or ""
+                    if name.startswith(self.prefix):
+                        self.pending.labels(name).set(info.num_pending or 0)
+                        self.ack_pending.labels(name).set(info.num_ack_pending or 0)
+            await asyncio.sleep(self.every_s)
+
+
+def http_app(service: Service, app: FastStream) -> AsgiFastStream:
+    """The app with /metrics, /healthz (broker connected) and /readyz (broker connected
+    and the service's own checks: database, Docker engine)."""
+
+    @get(include_in_schema=False)
+    async def ready(scope: Any) -> AsgiResponse:
+        ok = await service.broker.ping(2.0) and await service.ready()
+        return AsgiResponse(b"ready" if ok else b"not ready", 200 if ok else 503)
+
+    return app.as_asgi(
+        asgi_routes=[
+            ("/metrics", make_asgi_app(service.metrics)),
+            ("/healthz", make_ping_asgi(service.broker, timeout=2.0, include_in_schema=False)),
+            ("/readyz", ready),
+        ]
+    )
+
+
 def run(name: str, settings: S, factory: Callable[[S], FastStream]) -> None:
-    """``main()`` of a service: configure logging, build the app, run until signalled."""
+    """``main()`` of a service: configure logging, build the app, run until signalled.
+    With ``AGENTBUS_HTTP_PORT`` set, the app is served over HTTP too (uvicorn)."""
     configure_logging(name, settings.log)
     app = factory(settings)
     level = logging.getLevelName(settings.log.level.upper())
-    asyncio.run(app.run(log_level=level if isinstance(level, int) else logging.INFO))
+    if not settings.http.port:
+        asyncio.run(app.run(log_level=level if isinstance(level, int) else logging.INFO))
+        return
+    service = app.context.get("agentbus_service")
+    config = uvicorn.Config(
+        http_app(service, app),
+        host=settings.http.host,
+        port=settings.http.port,
+        log_config=None,  # our structlog set-up handles uvicorn's loggers
+        lifespan="on",
+    )
+    asyncio.run(uvicorn.Server(config).serve())
 
 
 def summarize(text: str, limit: int = 400) -> str:

@@ -102,12 +102,27 @@ class TelemetrySettings(BaseSettings):
     )
     exporter_otlp_traces_endpoint: str = Field("", description="Traces-only endpoint (full path).")
     sdk_disabled: bool = Field(False, description="Turn tracing off entirely.")
+    jaeger_ui_url: str = Field(
+        "http://localhost:16686",
+        validation_alias="AGENTBUS_JAEGER_UI_URL",
+        description="Where people open traces; the CLI prints links to it.",
+    )
 
     @property
     def enabled(self) -> bool:
         return not self.sdk_disabled and bool(
             self.exporter_otlp_endpoint or self.exporter_otlp_traces_endpoint
         )
+
+
+class HttpSettings(BaseSettings):
+    """The service's HTTP endpoint: /metrics (Prometheus), /healthz, /readyz.
+    Off when the port is 0 (the default for the embedded stack)."""
+
+    model_config = SettingsConfigDict(env_prefix="AGENTBUS_HTTP_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in containers).")
+    port: int = Field(0, ge=0, le=65535, description="Port; 0 turns the endpoint off.")
 
 
 class CommonSettings(BaseSettings):
@@ -118,3 +133,4 @@ class CommonSettings(BaseSettings):
     bus: BusSettings = Field(default_factory=BusSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import structlog
 from faststream.nats import NatsBroker, NatsMessage
+from opentelemetry import trace
+from opentelemetry.trace import TracerProvider
 
 from agentbus.contracts import (
     StepCompleted,
@@ -15,6 +17,7 @@ from agentbus.contracts import (
     derived_event_id,
     subjects,
 )
+from agentbus.core import semconv
 from agentbus.core.bus import (
     RpcError,
     event_subscriber,
@@ -41,6 +44,7 @@ class ExecutorDeps:
     max_iterations: int
     concurrency: int
     use_memory: bool = True
+    tracer_provider: TracerProvider | None = None
     llm: LLMProvider | None = None
 
 
@@ -62,7 +66,10 @@ def register(deps: ExecutorDeps) -> None:
         structlog.contextvars.bind_contextvars(task_id=event.task_id, step_id=event.step.id)
         if deps.llm is None:  # pragma: no cover - set in the start-up hook
             raise RuntimeError("executor LLM provider is not built yet")
-        workspace = SandboxWorkspace(deps.broker, event.task_id, deps.bus.rpc_timeout_s)
+        tracer = trace.get_tracer("agentbus.executor", tracer_provider=deps.tracer_provider)
+        workspace = SandboxWorkspace(
+            deps.broker, event.task_id, deps.bus.rpc_timeout_s, tracer=tracer
+        )
         runner = StepRunner(
             llm=deps.llm,
             workspace=workspace,
@@ -92,15 +99,19 @@ def register(deps: ExecutorDeps) -> None:
 
         suffix = "" if event.attempt == 1 else f"#{event.attempt}"
         log.info("step started", attempt=event.attempt)
-        async with keep_in_progress(msg, every_s=deps.bus.ack_wait_s / 3):
-            result = await runner.run(
-                goal=event.goal,
-                step=event.step,
-                inputs=event.inputs,
-                conversation=f"executor/{event.step.id}{suffix}",
-                task_id=event.task_id,
-                progress=progress,
-            )
+        attributes = {semconv.TASK_ID: event.task_id, semconv.STEP_ID: event.step.id}
+        with tracer.start_as_current_span(
+            f"{semconv.SPAN_STEP} {event.step.id}", attributes=attributes
+        ):
+            async with keep_in_progress(msg, every_s=deps.bus.ack_wait_s / 3):
+                result = await runner.run(
+                    goal=event.goal,
+                    step=event.step,
+                    inputs=event.inputs,
+                    conversation=f"executor/{event.step.id}{suffix}",
+                    task_id=event.task_id,
+                    progress=progress,
+                )
         if result.ok:
             files: list[str] = []
             if result.touched_workspace:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from faststream import FastStream
+from opentelemetry.sdk.trace import TracerProvider
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from agentbus.core.llm import build_provider
+from agentbus.core.llm.observe import LLMMetrics, ObservedProvider
 from agentbus.core.service import Service, run
 from agentbus.core.settings import CommonSettings, LLMSettings
 
@@ -24,8 +26,8 @@ class Settings(CommonSettings):
     )
 
 
-def create_app(settings: Settings) -> FastStream:
-    service = Service.create("executor", settings)
+def create_app(settings: Settings, tracer_provider: TracerProvider | None = None) -> FastStream:
+    service = Service.create("executor", settings, tracer_provider=tracer_provider)
     deps = ExecutorDeps(
         broker=service.broker,
         bus=settings.bus,
@@ -33,11 +35,17 @@ def create_app(settings: Settings) -> FastStream:
         max_iterations=settings.max_iterations,
         concurrency=settings.concurrency,
         use_memory=settings.use_memory,
+        tracer_provider=service.tracer_provider,
     )
     register(deps)
 
     async def open_adapters() -> None:
-        deps.llm = build_provider(settings.llm, "executor")
+        deps.llm = ObservedProvider(
+            build_provider(settings.llm, "executor"),
+            role="executor",
+            tracer_provider=service.tracer_provider,
+            metrics=LLMMetrics(service.metrics),
+        )
 
     async def close_adapters() -> None:
         if deps.llm is not None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from faststream import FastStream
+from opentelemetry.sdk.trace import TracerProvider
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from agentbus.core.llm import build_provider
+from agentbus.core.llm.observe import LLMMetrics, ObservedProvider
 from agentbus.core.service import Service, run
 from agentbus.core.settings import CommonSettings, LLMSettings
 
@@ -20,13 +22,18 @@ class Settings(CommonSettings):
     llm: LLMSettings = Field(default_factory=LLMSettings)
 
 
-def create_app(settings: Settings) -> FastStream:
-    service = Service.create("planner", settings)
+def create_app(settings: Settings, tracer_provider: TracerProvider | None = None) -> FastStream:
+    service = Service.create("planner", settings, tracer_provider=tracer_provider)
     deps = PlannerDeps(broker=service.broker, bus=settings.bus, llm_settings=settings.llm)
     register(deps)
 
     async def open_adapters() -> None:
-        deps.llm = build_provider(settings.llm, "planner")
+        deps.llm = ObservedProvider(
+            build_provider(settings.llm, "planner"),
+            role="planner",
+            tracer_provider=service.tracer_provider,
+            metrics=LLMMetrics(service.metrics),
+        )
         deps.store = await TaskStore.open(service.broker.config.connection_state.stream)
 
     async def close_adapters() -> None:

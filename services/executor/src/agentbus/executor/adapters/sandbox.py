@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from faststream.nats import NatsBroker
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode, Tracer
 
 from agentbus.contracts import (
     ExecOutcome,
@@ -20,6 +22,7 @@ from agentbus.contracts import (
     SandboxWriteFileRequest,
     subjects,
 )
+from agentbus.core import semconv
 from agentbus.core.bus import RpcError, rpc
 
 from ..domain import ExecResult
@@ -45,8 +48,25 @@ class SandboxWorkspace:
     broker: NatsBroker
     task_id: str
     rpc_timeout_s: float = 10.0
+    tracer: Tracer = field(default_factory=lambda: trace.get_tracer("agentbus.executor"))
 
     async def run(self, language: str, code: str, timeout_s: float) -> ExecResult:
+        with self.tracer.start_as_current_span(
+            semconv.SPAN_SANDBOX_EXEC,
+            attributes={semconv.TASK_ID: self.task_id, semconv.SANDBOX_LANGUAGE: language},
+        ) as span:
+            result, reply = await self._run(language, code, timeout_s)
+            if reply is not None:
+                span.set_attribute(semconv.SANDBOX_OUTCOME, reply.outcome.value)
+                if reply.exit_code is not None:
+                    span.set_attribute(semconv.SANDBOX_EXIT_CODE, reply.exit_code)
+            if not result.ok:
+                span.set_status(Status(StatusCode.ERROR))
+            return result
+
+    async def _run(
+        self, language: str, code: str, timeout_s: float
+    ) -> tuple[ExecResult, SandboxExecReply | None]:
         request = SandboxExecRequest(
             task_id=self.task_id, language=Language(language), code=code, timeout_s=timeout_s
         )
@@ -59,8 +79,8 @@ class SandboxWorkspace:
                 timeout=timeout_s + self.rpc_timeout_s + 20,  # container start + run + margin
             )
         except RpcError as exc:
-            return ExecResult(False, f"error: the sandbox did not answer: {exc}")
-        return format_exec(reply) if reply.ok else _failed(reply)
+            return ExecResult(False, f"error: the sandbox did not answer: {exc}"), None
+        return (format_exec(reply) if reply.ok else _failed(reply)), reply
 
     async def write_file(self, path: str, content: str) -> ExecResult:
         request = SandboxWriteFileRequest(task_id=self.task_id, path=path, content=content)
