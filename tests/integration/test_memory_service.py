@@ -9,6 +9,7 @@ import functools
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,6 +20,8 @@ from faststream.nats import NatsBroker
 
 from agentbus.cli import client
 from agentbus.contracts import (
+    CostsReply,
+    CostsRequest,
     HealthReply,
     HealthRequest,
     ModelUsage,
@@ -28,7 +31,10 @@ from agentbus.contracts import (
     StepReady,
     StepToolCalled,
     TaskCompleted,
+    TaskFailed,
     TaskHistoryReply,
+    TaskListReply,
+    TaskListRequest,
     TaskStatus,
     TaskSubmitted,
     Usage,
@@ -153,6 +159,17 @@ async def test_task_history_holds_the_events_in_order_and_the_completed_task(
     assert task.usage.total.calls == 4
     assert task.created_at == submitted.occurred_at
     assert task.updated_at == published[-1].occurred_at
+
+    assert [s.model_dump() for s in reply.steps] == [
+        {
+            "id": "s1",
+            "title": "count",
+            "status": "completed",
+            "attempt": 1,
+            "output": "1 2 3",
+            "error": None,
+        }
+    ]
 
     row = await db.fetchrow("SELECT plan, steps FROM tasks WHERE task_id = $1", task_id)
     assert json.loads(row["plan"])["revision"] == 1
@@ -318,3 +335,86 @@ async def test_migrations_apply_once_even_when_run_concurrently(database_url: st
         with contextlib.suppress(Exception):
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+# --- queries for people ----------------------------------------------------------------
+
+
+async def test_tasks_are_listed_by_status_and_time_and_costs_add_up(broker: NatsBroker) -> None:
+    # Three tasks on three days of their own, far from every other test's tasks.
+    day0 = datetime(2031, 1, 1, tzinfo=UTC) + timedelta(days=uuid.uuid4().int % 10_000)
+    days = [day0 + timedelta(days=i, hours=9) for i in range(3)]
+    ids = [new_id("tsk") for _ in days]
+    events = [
+        TaskSubmitted(task_id=ids[0], goal="done", occurred_at=days[0]),
+        TaskCompleted(
+            task_id=ids[0],
+            answer="yes",
+            usage=usage("model-a", 1000, 100, 2, 0.5),
+            occurred_at=days[0] + timedelta(minutes=5),
+        ),
+        TaskSubmitted(task_id=ids[1], goal="broke", occurred_at=days[1]),
+        TaskFailed(
+            task_id=ids[1],
+            reason="boom",
+            usage=usage("model-a", 100, 10, 1, 0.1) + usage("model-b", 50, 5, 1, 0.2),
+            occurred_at=days[1] + timedelta(minutes=1),
+        ),
+        TaskSubmitted(task_id=ids[2], goal="running", occurred_at=days[2]),
+        PlanCreated(
+            task_id=ids[2],
+            steps=[PlanStep(id="s1", title="t", instructions="i")],
+            usage=usage("model-b", 10, 1, 1, 0.05),
+            occurred_at=days[2] + timedelta(seconds=1),
+        ),
+    ]
+    last = None
+    for event in events:
+        last = await publish_event(broker, event)
+    assert last is not None
+    await settled(broker, last.seq)
+
+    async def listed(**filters: Any) -> list[str]:
+        window: dict[str, Any] = {"since": day0, "until": day0 + timedelta(days=3)}
+        request = TaskListRequest.model_validate({**window, **filters})
+        reply = await rpc(broker, subjects.MEMORY_TASK_LIST, request, TaskListReply, timeout=5)
+        assert reply.ok, reply.error
+        return [t.task_id for t in reply.tasks]
+
+    assert await listed() == [ids[2], ids[1], ids[0]]  # newest first
+    assert await listed(status=TaskStatus.COMPLETED) == [ids[0]]
+    assert await listed(status=TaskStatus.PLANNED) == [ids[2]]
+    assert await listed(limit=2) == [ids[2], ids[1]]
+    assert await listed(since=days[1]) == [ids[2], ids[1]]
+    assert await listed(until=days[1]) == [ids[0]]
+
+    async def costs(since: datetime, until: datetime) -> CostsReply:
+        request = CostsRequest(since=since, until=until)
+        reply = await rpc(broker, subjects.MEMORY_COSTS, request, CostsReply, timeout=5)
+        assert reply.ok, reply.error
+        return reply
+
+    report = await costs(day0, day0 + timedelta(days=3))
+    assert report.tasks == 3
+    assert report.by_model["model-a"].cost_usd == pytest.approx(0.6)
+    assert report.by_model["model-a"].prompt_tokens == 1100
+    assert report.by_model["model-a"].calls == 3
+    assert report.by_model["model-b"].cost_usd == pytest.approx(0.25)
+    assert report.total.cost_usd == pytest.approx(0.85)
+    assert report.total.completion_tokens == 116
+    assert [t.task_id for t in report.by_task] == ids  # 0.5, 0.3, 0.05
+    assert report.by_task[1].usage.total.cost_usd == pytest.approx(0.3)
+
+    later = await costs(days[1], day0 + timedelta(days=3))
+    assert later.tasks == 2
+    assert later.total.cost_usd == pytest.approx(0.35)
+    assert set(later.by_model) == {"model-a", "model-b"}
+    empty = await costs(day0 - timedelta(days=2), day0)
+    assert (empty.tasks, empty.by_model, empty.by_task) == (0, {}, [])
+
+
+async def test_a_malformed_list_request_gets_an_error_reply(broker: NatsBroker) -> None:
+    msg = await broker.request({"limit": 0, "status": "nope"}, subjects.MEMORY_TASK_LIST, timeout=5)
+    reply = TaskListReply.model_validate_json(msg.body)
+    assert not reply.ok
+    assert reply.error is not None and "limit" in reply.error and "status" in reply.error
