@@ -161,8 +161,9 @@ async def run(
 
 
 async def task_containers(docker: aiodocker.Docker, task_id: str) -> list[Any]:
+    """The task's containers, by name: one claimed from the warm pool has no task label."""
     found: list[Any] = await docker.containers.list(
-        all=True, filters={"label": [f"{LABEL_TASK}={task_id}"]}
+        all=True, filters={"name": [f"^/agentbus-sbx-{task_id}$"]}
     )
     return found
 
@@ -398,7 +399,7 @@ async def test_a_failed_write_answers_promptly(client: NatsBroker) -> None:
     written = await call(
         client,
         subjects.SANDBOX_WRITE_FILE,
-        SandboxWriteFileRequest(task_id=task, path="afile/x.txt", content="y" * 900_000),
+        SandboxWriteFileRequest(task_id=task, path="afile/x.txt", content="y" * 400_000),
         SandboxWriteFileReply,
     )
     assert not written.ok

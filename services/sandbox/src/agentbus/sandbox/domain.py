@@ -85,10 +85,56 @@ class SandboxConfig:
     max_list_files: int = 5000
     file_op_timeout_s: float = 30
     safety_margin_s: float = 10
+    workspace_max_mb: int = 1024
+    max_upload_bytes: int = 512 * 1024
+    pool_size: int = 2
+    idle_ttl_s: float = 900
+    reap_interval_s: float = 30
+    guard_interval_s: float = 0.1
 
     def workspace_dir(self, task_id: str) -> Path:
         """The host directory bind-mounted at /workspace in the task's container."""
         return self.workspace_root / task_id
+
+    @property
+    def workspace_max_bytes(self) -> int:
+        return self.workspace_max_mb * 1024 * 1024
+
+
+# --- sizes ------------------------------------------------------------------------------
+
+
+def check_upload(size: int, config: SandboxConfig, what: str) -> None:
+    """Refuse an upload (file content, stdin) larger than ``max_upload_bytes``."""
+    if size > config.max_upload_bytes:
+        raise InvalidRequest(
+            f"{what} is {size} bytes; the sandbox takes at most {config.max_upload_bytes} "
+            "bytes per upload. Split it, or generate the data inside the sandbox"
+        )
+
+
+def check_room(used: int, adding: int, config: SandboxConfig) -> None:
+    """Refuse a write that would take the workspace past its cap."""
+    cap = config.workspace_max_bytes
+    if used + adding > cap:
+        raise InvalidRequest(
+            f"the workspace is full: {used // 1024} KiB used, {adding // 1024} KiB more "
+            f"would pass its {config.workspace_max_mb} MB cap; delete files first"
+        )
+
+
+def over_cap_note(used: int, config: SandboxConfig, *, killed: bool) -> str:
+    """What the caller reads in stderr when a run filled the workspace."""
+    size = f"{used / (1024 * 1024):.0f} MB"
+    if killed:
+        return (
+            f"[sandbox: the run was stopped: the workspace grew to {size}, past its "
+            f"{config.workspace_max_mb} MB cap; the container was replaced, files kept]"
+        )
+    return (
+        f"[sandbox: the workspace holds {size}, over its {config.workspace_max_mb} MB cap; "
+        "delete files: runs that grow it further are stopped]"
+    )
 
 
 # --- paths ------------------------------------------------------------------------------

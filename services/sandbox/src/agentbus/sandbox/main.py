@@ -57,6 +57,32 @@ class Settings(CommonSettings):
     concurrency: int = Field(
         8, ge=1, description="Requests of each kind one replica serves at once."
     )
+    tmp_size_mb: int = Field(64, ge=1, description="Size of each sandbox's tmpfs /tmp, MB.")
+    workspace_max_mb: int = Field(
+        1024,
+        ge=1,
+        description=(
+            "Disk cap of one task's workspace, MB. Also the largest file a sandbox may "
+            "write (fsize ulimit); a run that grows the workspace past it is stopped."
+        ),
+    )
+    max_upload_bytes: int = Field(
+        512 * 1024,
+        ge=1024,
+        le=768 * 1024,
+        description="Most bytes one write_file (or an exec's stdin) may carry.",
+    )
+    pool_size: int = Field(
+        2, ge=0, description="Started containers each replica keeps ready (0: no pool)."
+    )
+    idle_ttl_s: float = Field(
+        900,
+        ge=0,
+        description="Remove a task's container after this long unused (0: never).",
+    )
+    reap_interval_s: float = Field(
+        30, gt=0, description="How often idle containers are looked for, seconds."
+    )
 
     def sandbox_config(self) -> SandboxConfig:
         return SandboxConfig(
@@ -70,6 +96,12 @@ class Settings(CommonSettings):
             max_timeout_s=self.max_timeout_s,
             max_output_bytes=self.max_output_bytes,
             max_read_bytes=self.max_read_bytes,
+            tmp_size_mb=self.tmp_size_mb,
+            workspace_max_mb=self.workspace_max_mb,
+            max_upload_bytes=self.max_upload_bytes,
+            pool_size=self.pool_size,
+            idle_ttl_s=self.idle_ttl_s,
+            reap_interval_s=self.reap_interval_s,
         )
 
 
@@ -100,6 +132,7 @@ def create_app(settings: Settings) -> FastStream:
         removed = await sandbox.reap(include_running=not others)
         if removed:
             log.info("removed leftover sandboxes", count=removed, only_stopped=others)
+        sandbox.start()  # pool refill and idle reaper, after the clean-up above
         deps.sandbox = sandbox
 
     async def close_sandbox() -> None:

@@ -19,16 +19,37 @@ Container hardening (each line is a wall the code inside has to get through):
 * every run sits under ``timeout -s KILL`` inside the container, in a wrapper that
   kills whatever the run left running (``domain.RUN_SCRIPT``), plus an outer
   asyncio deadline here; if that safety net ever fires, the container is removed
-  (it is recreated on the next call; the workspace files stay on the host).
+  (it is recreated on the next call; the workspace files stay on the host);
+* ``fsize`` ulimit = the workspace cap (no single file can pass it), and a guard
+  that polls the workspace's disk usage while code runs and stops a run that grows
+  it past ``workspace_max_mb`` (the container is replaced; files are kept).
+
+Warm pool: each replica keeps ``pool_size`` started containers named
+``agentbus-pool-<hex>`` in memory, each bind-mounting its own empty host directory
+``<root>/.pool/<name>``. A task's first call claims one by *renaming* the container
+to ``agentbus-sbx-<task_id>``: container names are unique engine-wide and a rename is
+atomic, so the name is the lock that makes every replica agree on one container per
+task and no container ever serves two tasks (labels cannot be changed after create,
+so tasks are found by name, not label). The claimer then renames the pool directory
+to ``<root>/<task_id>``: a bind mount follows the directory, not its path, so the
+running container now writes straight into the task's workspace, which outlives the
+container for the user. A background task refills the pool; ``close`` cancels it and
+removes the unclaimed containers.
+
+Idle reaper: every op touches ``<root>/.activity/<task_id>``; a background task
+removes task containers (of any replica on this root) unused for ``idle_ttl_s`` that
+have no exec running. The workspace stays; the next call gets a fresh container.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +71,7 @@ from agentbus.contracts import (
 
 from .. import domain
 from ..domain import (
+    EXIT_KILLED,
     SANDBOX_GID,
     SANDBOX_UID,
     SANDBOX_USER,
@@ -59,6 +81,7 @@ from ..domain import (
     SandboxError,
     SandboxUnavailable,
 )
+from . import workspace
 
 log = structlog.get_logger(__name__)
 
@@ -66,7 +89,11 @@ LABEL_ROLE = "agentbus.role"
 ROLE = "sandbox"
 LABEL_TASK = "agentbus.task_id"
 LABEL_ROOT = "agentbus.workspace_root"
+LABEL_POOL = "agentbus.pool"
 NAME_PREFIX = "agentbus-sbx-"
+POOL_PREFIX = "agentbus-pool-"
+POOL_DIR = ".pool"  # task ids cannot start with "." (subjects.check_token)
+ACTIVITY_DIR = ".activity"
 
 _STREAM_STDOUT = 1  # 2 is stderr
 _CREATE_ATTEMPTS = 4
@@ -80,6 +107,13 @@ class _Box:
 
     container: Any  # aiodocker.containers.DockerContainer
     oom_kills: int | None  # the cgroup's oom_kill counter when last looked at
+
+
+@dataclass
+class _PoolEntry:
+    container: Any
+    name: str
+    workspace: Path
 
 
 @dataclass
@@ -134,6 +168,11 @@ class DockerSandbox:
         self._root = str(config.workspace_root.resolve())
         self._boxes: dict[str, _Box] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._active: collections.Counter[str] = collections.Counter()
+        self._pool: collections.deque[_PoolEntry] = collections.deque()
+        self._pool_wanted = asyncio.Event()
+        self._pool_full = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -175,8 +214,36 @@ class DockerSandbox:
             raise
         return sandbox
 
+    def start(self) -> None:
+        """Start the pool refill and the idle reaper (after :meth:`reap`, which would
+        remove the pool). :meth:`close` cancels and awaits both."""
+        if self._background:
+            return
+        if self.config.pool_size > 0:
+            self._background.append(asyncio.create_task(self._refill(), name="sandbox-pool"))
+        if self.config.idle_ttl_s > 0:
+            self._background.append(asyncio.create_task(self._reap_idle(), name="sandbox-reaper"))
+
     async def close(self) -> None:
+        """Stop the background tasks, remove the unclaimed pool containers, disconnect."""
+        tasks, self._background = self._background, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        pool = list(self._pool)
+        self._pool.clear()
+        await asyncio.gather(*(self._discard_pool_entry(entry) for entry in pool))
         await self._docker.close()
+
+    @property
+    def pool_available(self) -> int:
+        """Started containers waiting in this replica's pool."""
+        return len(self._pool)
+
+    async def wait_pool_full(self, timeout: float = 30) -> None:
+        """Wait until the pool holds ``pool_size`` containers (tests, benchmarks)."""
+        async with asyncio.timeout(timeout):
+            await self._pool_full.wait()
 
     async def ping(self) -> bool:
         """Readiness: the engine answers within 5 s."""
@@ -203,20 +270,39 @@ class DockerSandbox:
             with contextlib.suppress(aiodocker.DockerError):
                 await container.delete(force=True)
                 removed += 1
+        with _docker_errors("listing pool containers"):
+            alive = {
+                name.lstrip("/")
+                for c in await self._docker.containers.list(all=True, filters=filters)
+                for name in c["Names"]
+            }
+        await asyncio.to_thread(self._remove_pool_dirs, alive)
         return removed
+
+    def _remove_pool_dirs(self, keep: set[str]) -> None:
+        """Remove empty pool directories whose container is gone (nothing ever ran in a
+        pool container, so a non-empty one is left alone: rmdir refuses it)."""
+        pool_root = Path(self._root) / POOL_DIR
+        with contextlib.suppress(FileNotFoundError):
+            for entry in pool_root.iterdir():
+                if entry.name not in keep:
+                    with contextlib.suppress(OSError):
+                        entry.rmdir()
 
     # --- containers ------------------------------------------------------------------
 
-    def _container_config(self, task_id: str) -> dict[str, Any]:
+    def _container_config(self, labels: Mapping[str, str], source: Path) -> dict[str, Any]:
+        """The hardened container, bind-mounting ``source`` at /workspace."""
         cfg = self.config
         memory = cfg.memory_mb * 1024 * 1024
+        fsize = cfg.workspace_max_bytes
         return {
             "Image": cfg.image,
             "Cmd": ["sleep", "infinity"],
             "User": SANDBOX_USER,
             "WorkingDir": WORKSPACE,
             "Env": [f"{k}={v}" for k, v in domain.BASE_ENV.items()],
-            "Labels": {LABEL_ROLE: ROLE, LABEL_TASK: task_id, LABEL_ROOT: self._root},
+            "Labels": {LABEL_ROLE: ROLE, LABEL_ROOT: self._root, **labels},
             "NetworkDisabled": True,
             "HostConfig": {
                 # docker-init (tini) as PID 1 reaps the orphans a kill at the time limit
@@ -231,11 +317,15 @@ class DockerSandbox:
                 "Tmpfs": {domain.SANDBOX_TMP: f"rw,nosuid,nodev,size={cfg.tmp_size_mb}m"},
                 "SecurityOpt": ["no-new-privileges:true"],
                 "CapDrop": ["ALL"],
-                "Ulimits": [{"Name": "nofile", "Soft": cfg.nofile, "Hard": cfg.nofile}],
+                "Ulimits": [
+                    {"Name": "nofile", "Soft": cfg.nofile, "Hard": cfg.nofile},
+                    # no single file (workspace or /tmp) may pass the workspace cap
+                    {"Name": "fsize", "Soft": fsize, "Hard": fsize},
+                ],
                 "Mounts": [
                     {
                         "Type": "bind",
-                        "Source": str(self._workspace_dir(task_id)),
+                        "Source": str(source),
                         "Target": WORKSPACE,
                         "ReadOnly": False,
                     }
@@ -247,13 +337,15 @@ class DockerSandbox:
     def _workspace_dir(self, task_id: str) -> Path:
         return Path(self._root) / subjects.check_token(task_id)
 
-    def _prepare_workspace(self, task_id: str) -> None:
-        """Create the task's host workspace, owned by the sandbox user.
+    def _activity_marker(self, task_id: str) -> Path:
+        return Path(self._root) / ACTIVITY_DIR / task_id
+
+    def _prepare_workspace(self, path: Path) -> None:
+        """Create a host workspace directory, owned by the sandbox user.
 
         Only the directory itself is touched here (it was just created or already
         belongs to this task); its contents are never opened from the host.
         """
-        path = self._workspace_dir(task_id)
         path.mkdir(parents=True, exist_ok=True)
         try:
             os.chown(path, SANDBOX_UID, SANDBOX_GID)
@@ -266,7 +358,10 @@ class DockerSandbox:
             )
 
     async def _find(self, task_id: str) -> list[Any]:
-        filters = {"label": [f"{LABEL_ROLE}={ROLE}", f"{LABEL_TASK}={task_id}"]}
+        """The task's container, by its engine-wide unique name (pool containers carry
+        no task label: they get their task by rename)."""
+        name = f"^/{NAME_PREFIX}{subjects.check_token(task_id)}$"
+        filters = {"label": [f"{LABEL_ROLE}={ROLE}"], "name": [name]}
         containers: list[Any] = await self._docker.containers.list(all=True, filters=filters)
         return containers
 
@@ -279,7 +374,86 @@ class DockerSandbox:
             return None
         return domain.parse_oom_kills(run.stdout.data)
 
+    # --- warm pool ---------------------------------------------------------------------
+
+    async def _create_pool_entry(self) -> _PoolEntry:
+        name = f"{POOL_PREFIX}{uuid.uuid4().hex[:16]}"
+        source = Path(self._root) / POOL_DIR / name
+        await asyncio.to_thread(self._prepare_workspace, source)
+        try:
+            with _docker_errors("starting a pool sandbox"):
+                container = await self._docker.containers.create(
+                    self._container_config({LABEL_POOL: "1"}, source), name=name
+                )
+                try:
+                    await container.start()
+                except aiodocker.DockerError:
+                    with contextlib.suppress(aiodocker.DockerError):
+                        await container.delete(force=True)
+                    raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                source.rmdir()
+            raise
+        return _PoolEntry(container, name, source)
+
+    async def _discard_pool_entry(self, entry: _PoolEntry) -> None:
+        with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError):
+            await entry.container.delete(force=True)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(entry.workspace.rmdir)
+
+    async def _refill(self) -> None:
+        """Keep ``pool_size`` started containers ready; back off while the engine fails."""
+        failures = 0
+        while True:
+            self._pool_wanted.clear()
+            while len(self._pool) < self.config.pool_size:
+                try:
+                    entry = await self._create_pool_entry()
+                except SandboxError as exc:
+                    failures += 1
+                    delay = min(30.0, 0.5 * 2**failures)
+                    log.warning("pool refill failed", error=str(exc), retry_in_s=delay)
+                    await asyncio.sleep(delay)
+                    continue
+                failures = 0
+                self._pool.append(entry)
+            self._pool_full.set()
+            await self._pool_wanted.wait()
+
+    async def _claim(self, task_id: str) -> _Box | None:
+        """Give the task a pool container, or None (pool empty, or the task has a
+        container already, or its workspace exists from an earlier container)."""
+        target = self._workspace_dir(task_id)
+        while self._pool:
+            if await asyncio.to_thread(target.exists):
+                return None  # an earlier container's workspace: mount it directly (cold)
+            entry = self._pool.popleft()
+            self._pool_full.clear()
+            self._pool_wanted.set()
+            try:
+                await entry.container.rename(f"{NAME_PREFIX}{task_id}")
+            except aiodocker.DockerError as exc:
+                if exc.status == 409:  # the task already has a container: keep ours
+                    self._pool.appendleft(entry)
+                    return None
+                await self._discard_pool_entry(entry)  # gone or broken: try the next
+                continue
+            try:
+                await asyncio.to_thread(entry.workspace.rename, target)
+            except OSError:
+                log.warning("could not move a pool workspace into place; starting cold")
+                await self._discard_pool_entry(entry)
+                return None
+            log.info("sandbox taken from the pool", container=entry.container.id[:12])
+            return _Box(entry.container, 0)
+        return None
+
     async def _find_or_create(self, task_id: str) -> _Box:
+        claimed = await self._claim(task_id)
+        if claimed is not None:
+            return claimed
         for attempt in range(_CREATE_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(0.2 * attempt)
@@ -296,11 +470,13 @@ class DockerSandbox:
                         return _Box(found, await self._oom_kills(found))
                 with contextlib.suppress(aiodocker.DockerError):
                     await found.delete(force=True)
-            await asyncio.to_thread(self._prepare_workspace, task_id)
+            source = self._workspace_dir(task_id)
+            await asyncio.to_thread(self._prepare_workspace, source)
             started = time.monotonic()
             try:
                 container = await self._docker.containers.create(
-                    self._container_config(task_id), name=f"{NAME_PREFIX}{task_id}"
+                    self._container_config({LABEL_TASK: task_id}, source),
+                    name=f"{NAME_PREFIX}{task_id}",
                 )
             except aiodocker.DockerError as exc:
                 if exc.status == 409:  # another replica is creating (or removing) it
@@ -347,9 +523,70 @@ class DockerSandbox:
                 except aiodocker.DockerError as exc:
                     if exc.status not in {404, 409}:  # gone, or removal already under way
                         raise
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self._activity_marker(task_id).unlink, missing_ok=True)
         if removed:
             log.info("sandbox removed")
         return removed
+
+    async def discard(self, task_id: str) -> None:
+        """Remove a throwaway task entirely: its files (deleted from inside the
+        container, as the sandbox user), its container and its empty host directory."""
+        with contextlib.suppress(SandboxError):
+            await self._run(
+                task_id,
+                [*domain.timeout_argv(30), "find", WORKSPACE, "-mindepth", "1", "-delete"],
+                deadline_s=40,
+                cap=4096,
+            )
+        await self.destroy(task_id)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self._workspace_dir(task_id).rmdir)
+
+    # --- idle reaper ----------------------------------------------------------------
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reap_interval_s)
+            try:
+                await self.reap_idle()
+            except SandboxError as exc:
+                log.warning("idle reaping failed", error=str(exc))
+
+    async def reap_idle(self) -> int:
+        """Remove task containers on this root unused for ``idle_ttl_s`` (by any
+        replica: the activity marker is shared) with no exec running. Returns how many."""
+        filters = {"label": [f"{LABEL_ROLE}={ROLE}", f"{LABEL_ROOT}={self._root}"]}
+        with _docker_errors("listing sandboxes"):
+            containers = await self._docker.containers.list(all=True, filters=filters)
+        now, removed = time.time(), 0
+        for container in containers:
+            names = [n.lstrip("/") for n in container["Names"]]
+            task_id = next((n[len(NAME_PREFIX) :] for n in names if n.startswith(NAME_PREFIX)), "")
+            if not task_id or self._active[task_id]:
+                continue
+            marker = self._activity_marker(task_id)
+            used = await asyncio.to_thread(workspace.last_used, marker)
+            last = used if used is not None else float(container["Created"])
+            if now - last < self.config.idle_ttl_s or await self._exec_running(container):
+                continue
+            with structlog.contextvars.bound_contextvars(task_id=task_id):
+                log.info("reaping an idle sandbox", idle_s=round(now - last))
+                if await self.destroy(task_id):
+                    removed += 1
+        return removed
+
+    async def _exec_running(self, container: Any) -> bool:
+        """Whether any exec (maybe another replica's) is still running in it."""
+        try:
+            info = await container.show()
+            for exec_id in info.get("ExecIDs") or []:
+                details = await aiodocker.execs.Exec(self._docker, exec_id).inspect()
+                if details.get("Running"):
+                    return True
+        except aiodocker.DockerError:
+            return False
+        return False
 
     # --- exec --------------------------------------------------------------------------
 
@@ -448,6 +685,28 @@ class DockerSandbox:
         exec cannot even be created: forget it and retry once with a fresh one. Once an
         exec exists it is never retried, so code never runs twice.
         """
+        self._active[task_id] += 1
+        try:
+            return await self._run_once(
+                task_id, argv, deadline_s=deadline_s, cap=cap, env=env, stdin=stdin
+            )
+        finally:
+            self._active[task_id] -= 1
+            if not self._active[task_id]:
+                del self._active[task_id]
+            # a utime on the local disk: microseconds, not worth a thread
+            workspace.touch(self._activity_marker(task_id))
+
+    async def _run_once(
+        self,
+        task_id: str,
+        argv: Sequence[str],
+        *,
+        deadline_s: float,
+        cap: int,
+        env: Mapping[str, str] | None,
+        stdin: bytes | None,
+    ) -> tuple[_Box, _Run]:
         for attempt in (1, 2):
             box = await self._box(task_id)
             try:
@@ -497,16 +756,21 @@ class DockerSandbox:
         staged = domain.stdin_file() if stdin is not None else None
         argv = domain.code_argv(language, code, limit, staged)
         if stdin is not None and staged is not None:
-            await self._stage_stdin(task_id, staged, stdin.encode("utf-8", "surrogatepass"))
-        box, run = await self._run(
+            data = stdin.encode("utf-8", "surrogatepass")
+            domain.check_upload(len(data), self.config, "stdin")
+            await self._stage_stdin(task_id, staged, data)
+        (box, run), (used, killed) = await self._guarded(
             task_id,
-            argv,
-            deadline_s=limit + self.config.safety_margin_s,
-            cap=self.config.max_output_bytes,
-            env=full_env,
+            self._run(
+                task_id,
+                argv,
+                deadline_s=limit + self.config.safety_margin_s,
+                cap=self.config.max_output_bytes,
+                env=full_env,
+            ),
         )
         oom = False
-        if run.exit_code == domain.EXIT_KILLED and run.duration_s < limit:
+        if run.exit_code == EXIT_KILLED and run.duration_s < limit and not killed:
             with contextlib.suppress(SandboxError, aiodocker.DockerError, aiohttp.ClientError):
                 count = await self._oom_kills(box.container)
                 oom = count is None or box.oom_kills is None or count > box.oom_kills
@@ -521,6 +785,10 @@ class DockerSandbox:
             truncated=truncated,
         )
         notes = [note] if note else []
+        if killed:
+            outcome = ExecOutcome.ERROR
+        if used > self.config.workspace_max_bytes:
+            notes.append(domain.over_cap_note(used, self.config, killed=killed))
         if outcome is ExecOutcome.OOM_KILLED:
             notes.append(
                 f"[sandbox: killed for exceeding the {self.config.memory_mb} MB memory limit]"
@@ -546,6 +814,45 @@ class DockerSandbox:
             duration_ms=round(run.duration_s * 1000, 3),
             outcome=outcome,
         )
+
+    async def _usage(self, task_id: str) -> int:
+        return await asyncio.to_thread(workspace.disk_usage, self._workspace_dir(task_id))
+
+    async def _guarded(
+        self, task_id: str, running: Awaitable[tuple[_Box, _Run]]
+    ) -> tuple[tuple[_Box, _Run], tuple[int, bool]]:
+        """Await a run while watching the workspace's disk usage; a run that grows it
+        past the cap (or past what it held at the start, if already over) is stopped by
+        replacing the container. Returns the run and (usage after it, stopped?)."""
+        cap = self.config.workspace_max_bytes
+        stopped = asyncio.Event()
+
+        async def watch() -> None:
+            limit = max(cap, await self._usage(task_id))
+            interval = self.config.guard_interval_s
+            while True:
+                await asyncio.sleep(interval)
+                started = time.monotonic()
+                used = await self._usage(task_id)
+                # big trees cost more to walk: look less often, at most 10% of a core
+                interval = max(self.config.guard_interval_s, 10 * (time.monotonic() - started))
+                if used > limit:
+                    log.warning("run stopped: workspace over its cap", used=used, cap=cap)
+                    stopped.set()
+                    await self.destroy(task_id)
+                    return
+
+        guard = asyncio.create_task(watch(), name=f"sandbox-guard-{task_id}")
+        try:
+            result = await running
+        finally:
+            guard.cancel()
+            # the guard's own failure (engine trouble while replacing) is only logged:
+            # the run's result is what the caller needs
+            (outcome,) = await asyncio.gather(guard, return_exceptions=True)
+            if isinstance(outcome, Exception):
+                log.warning("workspace guard failed", error=str(outcome))
+        return result, (await self._usage(task_id), stopped.is_set())
 
     async def _feed(self, task_id: str, argv: list[str], data: bytes, what: str) -> None:
         """Run a short file operation that reads ``data`` on its stdin; raise on failure."""
@@ -575,6 +882,8 @@ class DockerSandbox:
         """
         relative = domain.workspace_path(path)
         data = content.encode("utf-8", "surrogatepass")
+        domain.check_upload(len(data), self.config, f"the content of {relative}")
+        domain.check_room(await self._usage(task_id), len(data), self.config)
         argv = domain.write_argv(relative, self.config.file_op_timeout_s)
         await self._feed(task_id, argv, data, f"write {relative}")
         return SandboxWriteFileReply(path=relative, size=len(data))
