@@ -3,6 +3,7 @@ Postgres + pgvector: events in through the stream, task history out over request
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import functools
@@ -418,3 +419,44 @@ async def test_a_malformed_list_request_gets_an_error_reply(broker: NatsBroker) 
     reply = TaskListReply.model_validate_json(msg.body)
     assert not reply.ok
     assert reply.error is not None and "limit" in reply.error and "status" in reply.error
+
+
+async def test_the_cli_lists_tasks_and_costs(
+    broker: NatsBroker,
+    nats_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from agentbus.cli.tasks_cmd import add_parsers
+
+    day = datetime(2041, 1, 1, 8, tzinfo=UTC) + timedelta(days=uuid.uuid4().int % 10_000)
+    task_id = new_id("tsk")
+    await publish_event(broker, TaskSubmitted(task_id=task_id, goal="cli goal", occurred_at=day))
+    done = await publish_event(
+        broker,
+        TaskCompleted(
+            task_id=task_id, answer="a", usage=usage("model-z", 7, 3, 1, 0.125), occurred_at=day
+        ),
+    )
+    await settled(broker, done.seq)
+    monkeypatch.setenv("AGENTBUS_NATS_URL", nats_url)
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    window = ["--since", day.date().isoformat(), "--until", (day + timedelta(days=1)).isoformat()]
+
+    args = parser.parse_args(["tasks", "list", "--status", "completed", *window])
+    assert await args.handler(args) == 0
+    out = capsys.readouterr().out
+    assert task_id in out and "completed" in out and "0.1250" in out and "cli goal" in out
+
+    args = parser.parse_args(["costs", *window])
+    assert await args.handler(args) == 0
+    out = capsys.readouterr().out
+    assert "1 task(s)" in out
+    assert "model-z" in out and "0.1250" in out and task_id in out
+
+    args = parser.parse_args(["costs", "--json", *window])
+    assert await args.handler(args) == 0
+    out = capsys.readouterr().out  # service logs share stdout in tests: find the JSON
+    report = CostsReply.model_validate_json(out[out.index("{\n") :])
+    assert report.total.cost_usd == pytest.approx(0.125)
