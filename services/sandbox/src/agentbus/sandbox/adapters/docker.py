@@ -426,9 +426,9 @@ class DockerSandbox:
         """Give the task a pool container, or None (pool empty, or the task has a
         container already, or its workspace exists from an earlier container)."""
         target = self._workspace_dir(task_id)
-        while self._pool:
-            if await asyncio.to_thread(target.exists):
-                return None  # an earlier container's workspace: mount it directly (cold)
+        if not self._pool or await asyncio.to_thread(target.exists):
+            return None  # empty pool, or an earlier container's workspace: mount it (cold)
+        while self._pool:  # no await between this check and the pop
             entry = self._pool.popleft()
             self._pool_full.clear()
             self._pool_wanted.set()
