@@ -206,70 +206,6 @@ async def test_bash_env_and_stdin(client: NatsBroker) -> None:
     assert ignored.outcome is ExecOutcome.OK
 
 
-async def test_network_is_off(client: NatsBroker) -> None:
-    code = (
-        "import socket\n"
-        "for host, port in (('1.1.1.1', 53), ('8.8.8.8', 443)):\n"
-        "    try:\n"
-        "        socket.create_connection((host, port), timeout=3)\n"
-        "        print('connected', host)\n"
-        "    except OSError as exc:\n"
-        "        print('blocked', host, exc)\n"
-        "print(sorted(name for _, name in socket.if_nameindex()))\n"
-    )
-    reply = await run(client, new_id("tsk"), code)
-    assert "connected" not in reply.stdout
-    assert "blocked 1.1.1.1 [Errno 101] Network is unreachable" in reply.stdout
-    assert reply.stdout.rstrip().endswith("['lo']")
-
-
-async def test_an_endless_loop_is_killed_at_its_limit_and_leaves_nothing(
-    client: NatsBroker,
-) -> None:
-    task = new_id("tsk")
-    started = time.monotonic()
-    reply = await run(client, task, "print('started')\nwhile True: pass", timeout_s=2)
-    elapsed = time.monotonic() - started
-    assert reply.outcome is ExecOutcome.TIMEOUT
-    assert reply.exit_code == 137
-    assert reply.stdout == "started\n"  # output before the kill is kept
-    assert elapsed < 15  # killed inside, not left to the caller's patience
-    ps = await run(client, task, "ps -eo comm=", language=Language.BASH)
-    assert "python3" not in ps.stdout.split()
-
-
-async def test_background_processes_do_not_outlive_their_run(client: NatsBroker) -> None:
-    task = new_id("tsk")
-    spawned = await run(
-        client, task, "import subprocess\nsubprocess.Popen(['sleep', '300'])\nprint('spawned')"
-    )
-    assert spawned.stdout == "spawned\n"
-    bomb = await run(client, task, ":(){ :|:& };:", language=Language.BASH, timeout_s=5)
-    assert bomb.ok
-    ps = await run(client, task, "ps -eo args=", language=Language.BASH)
-    assert "sleep 300" not in ps.stdout
-    assert "bash" not in ps.stdout.replace("bash -c ps -eo args=", "")
-    assert (await run(client, task, "print('still usable')")).stdout == "still usable\n"
-
-
-async def test_a_memory_hog_is_oom_killed(client: NatsBroker) -> None:
-    reply = await run(client, new_id("tsk"), "x = bytearray(600 * 1024 * 1024)\nprint('alive')")
-    assert reply.outcome is ExecOutcome.OOM_KILLED
-    assert reply.exit_code == 137
-    assert "alive" not in reply.stdout
-    assert "memory limit" in reply.stderr
-
-
-async def test_huge_output_is_capped_with_a_marker(client: NatsBroker) -> None:
-    reply = await run(client, new_id("tsk"), "print('x' * 3_000_000)\nprint('y', end='')")
-    assert reply.ok
-    assert reply.exit_code == 0
-    assert reply.outcome is ExecOutcome.OUTPUT_TRUNCATED
-    head, marker = reply.stdout.split("\n[... output truncated: ")
-    assert head == "x" * 64 * 1024
-    assert marker == f"{3_000_002 - 64 * 1024} bytes cut]"
-
-
 async def test_time_limits_above_the_maximum_are_lowered_and_said_so(
     client: NatsBroker,
 ) -> None:
@@ -339,59 +275,6 @@ async def test_read_file_honours_max_bytes(client: NatsBroker) -> None:
     assert (read.content, read.size, read.truncated) == ("abcdefabcd", 6000, True)
 
 
-@pytest.mark.parametrize(
-    ("path", "reason"),
-    [("../../etc/passwd", "leaves the workspace"), ("/etc/passwd", "absolute path")],
-)
-async def test_paths_outside_the_workspace_are_refused(
-    client: NatsBroker, path: str, reason: str
-) -> None:
-    task = new_id("tsk")
-    read = await call(
-        client,
-        subjects.SANDBOX_READ_FILE,
-        SandboxReadFileRequest(task_id=task, path=path),
-        SandboxReadFileReply,
-    )
-    assert not read.ok
-    assert read.error is not None
-    assert reason in read.error
-    assert read.content == ""
-    written = await call(
-        client,
-        subjects.SANDBOX_WRITE_FILE,
-        SandboxWriteFileRequest(task_id=task, path=path, content="x"),
-        SandboxWriteFileReply,
-    )
-    assert not written.ok
-
-
-async def test_symlinks_lead_only_into_the_container(
-    client: NatsBroker, workspace_root: Path
-) -> None:
-    task = new_id("tsk")
-    made = await run(
-        client, task, "ln -s / root && ln -s /etc/hostname host", language=Language.BASH
-    )
-    assert made.exit_code == 0
-    written = await call(
-        client,
-        subjects.SANDBOX_WRITE_FILE,
-        SandboxWriteFileRequest(task_id=task, path="root/etc/agentbus-escape", content="x"),
-        SandboxWriteFileReply,
-    )
-    assert not written.ok  # the container's / is read-only and not the host's
-    assert not Path("/etc/agentbus-escape").exists()
-    read = await call(
-        client,
-        subjects.SANDBOX_READ_FILE,
-        SandboxReadFileRequest(task_id=task, path="host"),
-        SandboxReadFileReply,
-    )
-    assert read.ok
-    assert read.content.strip() != Path("/etc/hostname").read_text().strip()
-
-
 async def test_a_failed_write_answers_promptly(client: NatsBroker) -> None:
     task = new_id("tsk")
     await run(client, task, "open('afile', 'w').close()")
@@ -417,28 +300,6 @@ async def test_missing_files_are_a_clear_error(client: NatsBroker) -> None:
     )
     assert not read.ok
     assert read.error == "could not read nope.txt: no such file: nope.txt"
-
-
-async def test_two_tasks_do_not_see_each_others_files(client: NatsBroker) -> None:
-    alice, bob = new_id("tsk"), new_id("tsk")
-    await call(
-        client,
-        subjects.SANDBOX_WRITE_FILE,
-        SandboxWriteFileRequest(task_id=alice, path="secret.txt", content="alice only"),
-        SandboxWriteFileReply,
-    )
-    listed = await call(
-        client,
-        subjects.SANDBOX_LIST_FILES,
-        SandboxListFilesRequest(task_id=bob),
-        SandboxListFilesReply,
-    )
-    assert listed.ok
-    assert listed.files == []
-    looked = await run(
-        client, bob, "import os; print(os.listdir('.'), os.path.exists('/workspace/secret.txt'))"
-    )
-    assert looked.stdout == "[] False\n"
 
 
 # --- life cycle ---------------------------------------------------------------------------
@@ -522,3 +383,42 @@ async def test_start_up_fails_clearly_without_the_image(
     finally:
         assert broken.broker is not None
         await broken.broker.stop()
+
+
+# --- warm pool ----------------------------------------------------------------------------
+
+
+async def test_first_calls_take_pool_containers_never_shared(
+    client: NatsBroker, docker: aiodocker.Docker, workspace_root: Path
+) -> None:
+    tasks = [new_id("tsk") for _ in range(6)]  # more than the pool holds: some start cold
+    replies = await asyncio.gather(
+        *(
+            run(client, t, f"open('me.txt', 'w').write('{t}'); print(open('me.txt').read())")
+            for t in tasks
+        )
+    )
+    assert [r.stdout for r in replies] == [f"{t}\n" for t in tasks]
+    ids = set()
+    pooled = 0
+    for task in tasks:
+        (container,) = await task_containers(docker, task)
+        info = await container.show()
+        ids.add(info["Id"])
+        pooled += LABEL_TASK not in info["Config"]["Labels"]  # claimed from the pool
+        host = info["HostConfig"]
+        assert (host["NetworkMode"], host["ReadonlyRootfs"], host["CapDrop"]) == (
+            "none",
+            True,
+            ["ALL"],
+        )
+        assert (workspace_root / task / "me.txt").read_text() == task  # artifacts on host
+    assert len(ids) == len(tasks)  # one container per task
+    assert pooled >= 1
+    # The pool refills in the background: fresh pool containers appear.
+    deadline = time.monotonic() + 20
+    while not await docker.containers.list(
+        filters={"name": ["^/agentbus-pool-"], "label": [f"{LABEL_ROOT}={workspace_root}"]}
+    ):
+        assert time.monotonic() < deadline, "the pool was not refilled"
+        await asyncio.sleep(0.1)
