@@ -4,12 +4,14 @@ planner killed mid-task."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from faststream.nats import NatsBroker
 
@@ -58,7 +60,7 @@ async def stack(tmp_root: Path, nats_url: str, database_url: str) -> AsyncIterat
         library,
         nats_url=nats_url,
         database_url=database_url,
-        replicas={**dict.fromkeys(subjects.SERVICES, 1), "executor": 2},
+        replicas={**dict.fromkeys(subjects.SERVICES, 1), "executor": 3},
         env={"AGENTBUS_EXECUTOR_CONCURRENCY": "1"},  # so parallel steps need both executors
     ) as running:
         yield running
@@ -77,7 +79,7 @@ async def test_every_bundled_example_completes(
     transcript = ROOT / "examples" / example / "transcript.json"
     events = await run_task(broker, goal_of(transcript))
     done = events[-1]
-    assert isinstance(done, TaskCompleted), done
+    assert isinstance(done, TaskCompleted), getattr(done, "reason", done)
     assert done.artifacts, "every example leaves a file in the workspace"
     for name in done.artifacts:
         assert (stack.home / "workspaces" / done.task_id / name).is_file()
@@ -108,6 +110,39 @@ async def test_parallel_steps_run_on_two_executors_at_once(broker: NatsBroker) -
     }
     (a_start, a_end), (b_start, b_end) = runs["a"], runs["b"]
     assert a_start < b_end and b_start < a_end, f"the runs did not overlap: {runs}"
+
+
+async def test_steps_of_parallel_tasks_spread_over_all_three_executors(
+    stack: EmbeddedStack, broker: NatsBroker
+) -> None:
+    goal = goal_of(SCENARIOS / "two_executors.json")
+    runs = await asyncio.gather(*(run_task(broker, goal) for _ in range(3)))
+    workers = {e.worker for events in runs for e in events if isinstance(e, StepCompleted)}
+    executors = [p for p in stack.services.processes if p.name == "executor"]  # type: ignore[union-attr]
+    assert len(executors) == 3
+    assert len(workers) == 3, f"6 parallel steps ran on only {workers}"
+
+
+async def test_each_replica_serves_metrics_and_health(stack: EmbeddedStack) -> None:
+    group = stack.services
+    assert group is not None
+    async with httpx.AsyncClient(timeout=5) as http:
+        for p in group.processes:
+            ready = await http.get(f"{p.url}/readyz")
+            assert ready.status_code == 200, f"{p.name}[{p.index}] not ready: {ready.text}"
+            assert (await http.get(f"{p.url}/healthz")).status_code == 204
+        executor = next(p for p in group.processes if p.name == "executor")
+        metrics = (await http.get(f"{executor.url}/metrics")).text
+        planner = next(p for p in group.processes if p.name == "planner")
+        planner_metrics = (await http.get(f"{planner.url}/metrics")).text
+    # The tests above ran tasks through these replicas.
+    assert 'faststream_received_processed_messages_total{app_name="executor"' in metrics
+    assert 'agentbus_consumer_pending{durable="executor-steps"}' in metrics
+    assert "agentbus_llm_calls_total{" in metrics and 'role="executor"' in metrics
+    assert 'agentbus_llm_tokens_total{kind="input",model="gpt-4o-mini",role="planner"}' in (
+        planner_metrics
+    )
+    assert "agentbus_llm_cost_usd_total" in planner_metrics
 
 
 async def test_invalid_plan_json_is_repaired(broker: NatsBroker) -> None:

@@ -319,3 +319,21 @@ async def test_memories_are_recalled_at_step_start_and_results_saved_at_the_end(
     assert result.ok, result.error
     assert not result.touched_workspace
     assert memory.saved == [("x", "fact"), ("g | step 't': done", "step_result")]
+
+
+async def test_a_library_picks_the_transcript_by_the_task_line_not_by_mentions() -> None:
+    def one(goal: str, answer: str) -> Transcript:
+        return Transcript.model_validate(
+            {"goal": goal, "conversations": {"c": [{"reply": {"content": answer}}]}}
+        )
+
+    library = ReplayProvider([one("sum things", "A"), one("count things", "B")], PriceTable.load())
+    prompt = "Task: count things\nPossibly relevant memories:\n- sum things | step: 42"
+    reply = await library.chat(
+        ChatRequest(messages=[Message(role="user", content=prompt)], conversation="c")
+    )
+    assert reply.message.content == "B"
+    with pytest.raises(ReplayMismatch, match="no recorded transcripts for this task among 2"):
+        await library.chat(
+            ChatRequest(messages=[Message(role="user", content="Task: other")], conversation="c")
+        )

@@ -272,8 +272,9 @@ async def _up(args: argparse.Namespace) -> int:
             _stack_file(home).write_text(
                 json.dumps({"pid": os.getpid(), "nats_url": stack.nats_url})
             )
-            counts = ", ".join(f"{k}={v}" for k, v in replicas.items())
-            print(f"agentbus is up: NATS {stack.nats_url}; services {counts}")
+            print(f"agentbus is up: NATS {stack.nats_url}")
+            for p in stack.services.processes if stack.services else []:
+                print(f"  {p.name}[{p.index}]  pid {p.proc.pid:<8} {p.url}/metrics  {p.url}/readyz")
             print(f'logs in {home / "logs"}; submit with: agentbus run --task "..."; Ctrl-C stops')
             while not stop.is_set():
                 stack.check_alive()

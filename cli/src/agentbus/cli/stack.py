@@ -157,6 +157,12 @@ class ServiceProcess:
     index: int
     proc: subprocess.Popen[bytes]
     log_path: Path
+    http_port: int = 0
+
+    @property
+    def url(self) -> str:
+        """Base URL of its /metrics, /healthz and /readyz (empty when off)."""
+        return f"http://127.0.0.1:{self.http_port}" if self.http_port else ""
 
 
 @dataclass
@@ -165,6 +171,7 @@ class ServiceGroup:
 
     env: Mapping[str, str]
     log_dir: Path
+    http: bool = True  # each replica serves /metrics, /healthz, /readyz on its own port
     processes: list[ServiceProcess] = field(default_factory=list)
 
     def start(self, replicas: Mapping[str, int]) -> Self:
@@ -174,16 +181,17 @@ class ServiceGroup:
             for index in range(count):
                 log_path = self.log_dir / f"{name}-{index}.log"
                 log = log_path.open("ab")
+                port = free_port() if self.http else 0
                 proc = subprocess.Popen(
                     [sys.executable, "-m", SERVICE_MODULES[name]],
-                    env={**env, "AGENTBUS_REPLICA": str(index)},
+                    env={**env, "AGENTBUS_REPLICA": str(index), "AGENTBUS_HTTP_PORT": str(port)},
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
                 )
                 log.close()
-                self.processes.append(ServiceProcess(name, index, proc, log_path))
+                self.processes.append(ServiceProcess(name, index, proc, log_path, port))
         return self
 
     def check_alive(self) -> None:

@@ -111,16 +111,25 @@ class ReplayProvider:
         return None
 
     def _transcript_for(self, request: ChatRequest) -> Transcript:
+        """The transcript of the task this request is about. Every agentbus prompt states
+        its task as a ``Task: <goal>`` line; matching that line (not any mention of a
+        goal, which recalled memories of other tasks may contain) picks the right one."""
         if len(self.transcripts) == 1:
             return self.transcripts[0]
-        prompt = "\n".join(m.content or "" for m in request.messages if m.role == "user")
-        matches = [t for t in self.transcripts if t.goal in prompt]
-        if not matches:
+        lines = {
+            line.strip()
+            for m in request.messages
+            if m.role == "user"
+            for line in (m.content or "").splitlines()
+        }
+        matches = [t for t in self.transcripts if f"Task: {t.goal}" in lines]
+        if len(matches) != 1:
+            goals = "; ".join(t.goal[:60] for t in self.transcripts)
             raise ReplayMismatch(
-                f"replay: no recorded transcript for this task among {len(self.transcripts)} "
-                f"(goals: {'; '.join(t.goal[:60] for t in self.transcripts)})"
+                f"replay: {len(matches) or 'no'} recorded transcripts for this task among "
+                f"{len(self.transcripts)} (goals: {goals})"
             )
-        return max(matches, key=lambda t: len(t.goal))
+        return matches[0]
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
         transcript = self._transcript_for(request)
