@@ -37,6 +37,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p.parent.name for p in (ROOT / "examples").glob("*/transcript.json"))
 SCENARIOS = ROOT / "tests" / "scenarios"
+SECRET = "sk-test-never-logged-4f1c"  # noqa: S105 - a decoy, checked to stay out of logs
 
 
 def goal_of(path: Path) -> str:
@@ -61,7 +62,10 @@ async def stack(tmp_root: Path, nats_url: str, database_url: str) -> AsyncIterat
         nats_url=nats_url,
         database_url=database_url,
         replicas={**dict.fromkeys(subjects.SERVICES, 1), "executor": 3},
-        env={"AGENTBUS_EXECUTOR_CONCURRENCY": "1"},  # so parallel steps need both executors
+        env={
+            "AGENTBUS_EXECUTOR_CONCURRENCY": "1",  # so parallel steps need several executors
+            "AGENTBUS_LLM_API_KEY": SECRET,  # must never reach a log line
+        },
     ) as running:
         yield running
 
@@ -198,3 +202,17 @@ async def test_a_planner_killed_mid_task_is_replaced_and_the_task_finishes(
     reply = await client.history(broker, task_id)
     assert reply.task is not None and reply.task.answer == "finished by another planner"
     assert json.dumps(types).count("step.completed") == 2
+
+
+def test_service_logs_carry_task_and_trace_ids_and_no_secrets(stack: EmbeddedStack) -> None:
+    logs = sorted((stack.home / "logs").glob("*.log"))
+    assert {p.name.split("-")[0] for p in logs} >= set(subjects.SERVICES)
+    text = "\n".join(p.read_text(errors="replace") for p in logs)
+    assert SECRET not in text
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    started = [line for line in lines if line.get("event") == "step started"]
+    assert started, "no executor log line for a started step"
+    for line in started:
+        assert line["service"] == "executor"
+        assert line["task_id"].startswith("tsk_") and line["step_id"]
+        assert len(line["trace_id"]) == 32 and len(line["span_id"]) == 16
