@@ -91,6 +91,7 @@ class SandboxConfig:
     idle_ttl_s: float = 900
     reap_interval_s: float = 30
     guard_interval_s: float = 0.1
+    refill_delay_s: float = 0.3
 
     def workspace_dir(self, task_id: str) -> Path:
         """The host directory bind-mounted at /workspace in the task's container."""

@@ -99,6 +99,7 @@ _STREAM_STDOUT = 1  # 2 is stderr
 _CREATE_ATTEMPTS = 4
 _FEED_POLL_S = 0.2
 _REPLY_JSON_BUDGET = 768 * 1024  # leaves room under NATS's default 1 MB max_payload
+_STALE_POOL_DIR_S = 600  # an empty pool directory this old with no container is a leftover
 
 
 @dataclass
@@ -281,12 +282,14 @@ class DockerSandbox:
 
     def _remove_pool_dirs(self, keep: set[str]) -> None:
         """Remove empty pool directories whose container is gone (nothing ever ran in a
-        pool container, so a non-empty one is left alone: rmdir refuses it)."""
+        pool container, so a non-empty one is left alone: rmdir refuses it). Recent ones
+        stay: another replica may be creating that directory's container right now."""
         pool_root = Path(self._root) / POOL_DIR
+        old = time.time() - _STALE_POOL_DIR_S
         with contextlib.suppress(FileNotFoundError):
             for entry in pool_root.iterdir():
-                if entry.name not in keep:
-                    with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):
+                    if entry.name not in keep and entry.lstat().st_mtime < old:
                         entry.rmdir()
 
     # --- containers ------------------------------------------------------------------
@@ -408,6 +411,10 @@ class DockerSandbox:
         failures = 0
         while True:
             self._pool_wanted.clear()
+            if len(self._pool) < self.config.pool_size and self._background:
+                # Let the claimer's first exec go first: creating a container competes
+                # with it for the engine (and, on small hosts, for the CPU).
+                await asyncio.sleep(self.config.refill_delay_s)
             while len(self._pool) < self.config.pool_size:
                 try:
                     entry = await self._create_pool_entry()
