@@ -83,10 +83,16 @@ def embedder() -> LocalEmbedder:
 async def memory(
     nats_url: str, database_url: str, embedder: LocalEmbedder
 ) -> AsyncIterator[FastStream]:
-    settings = Settings(database_url=database_url, bus=BusSettings(nats_url=nats_url))
+    durable = f"memory-events-{uuid.uuid4().hex[:8]}"  # not the other modules' consumer
+    settings = Settings(
+        database_url=database_url, events_durable=durable, bus=BusSettings(nats_url=nats_url)
+    )
     app = create_app(settings, embedder=embedder)
     async with TestApp(app):
         yield app
+    async with client.connect(nats_url) as broker:
+        js = broker.config.connection_state.stream
+        await js.delete_consumer(subjects.EVENTS_STREAM, durable)
 
 
 @pytest.fixture(scope="module")

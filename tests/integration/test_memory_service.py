@@ -66,16 +66,25 @@ def minilm() -> Any:
     return load_minilm()
 
 
+# This module's own durable consumer: a replica of another module that stopped with a
+# pull request still open on the server would otherwise hold events for ack_wait.
+DURABLE = f"memory-events-{uuid.uuid4().hex[:8]}"
+
+
 @pytest.fixture(scope="module")
 async def memory(nats_url: str, database_url: str) -> AsyncIterator[FastStream]:
     """The memory app, started in this process as ``agentbus-memory`` would start it."""
     settings = Settings(
         database_url=database_url,
+        events_durable=DURABLE,
         bus=BusSettings(nats_url=nats_url, retry_backoff_s=0.1),
     )
     app = create_app(settings, embedder=LocalEmbedder(load=minilm))
     async with TestApp(app):
         yield app
+    async with client.connect(nats_url) as broker:
+        js = broker.config.connection_state.stream
+        await js.delete_consumer(subjects.EVENTS_STREAM, DURABLE)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +109,7 @@ async def settled(broker: NatsBroker, seq: int) -> None:
     js = broker.config.connection_state.stream
 
     async def ack_floor() -> int:
-        info = await js.consumer_info(subjects.EVENTS_STREAM, subjects.MEMORY_EVENTS_DURABLE)
+        info = await js.consumer_info(subjects.EVENTS_STREAM, DURABLE)
         return info.ack_floor.stream_seq if info.ack_floor else 0
 
     await eventually(ack_floor, lambda floor: floor >= seq)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from collections.abc import Mapping
@@ -329,3 +330,33 @@ def test_the_summary_is_what_task_history_answers_with() -> None:
     assert summary.answer == "the answer"
     assert summary.usage.total.calls == 4
     assert (summary.created_at, summary.updated_at) == (at(0), at(5))
+
+
+# --- semantic memory and cost reports ------------------------------------------------
+
+
+def test_the_cache_key_is_the_sha256_of_the_exact_text() -> None:
+    assert domain.content_hash("héllo") == hashlib.sha256("héllo".encode()).digest()
+    assert domain.content_hash("a") != domain.content_hash("a ")
+
+
+def test_an_oversize_text_is_refused_with_both_sizes_never_cut() -> None:
+    assert domain.check_size("x" * 10, 10) == "x" * 10
+    with pytest.raises(domain.TextTooLarge, match=r"query is 11 characters; .* at most 10"):
+        domain.check_size("x" * 11, 10, "query")
+
+
+def test_a_cost_report_totals_its_models() -> None:
+    report = domain.CostReport(
+        tasks=2,
+        by_model={
+            "a": {"prompt_tokens": 10, "completion_tokens": 2, "calls": 1, "cost_usd": 0.5},
+            "b": {"prompt_tokens": 5, "cached_tokens": None, "calls": 2, "cost_usd": 0.25},
+        },
+        costliest=[],
+    )
+    usage = report.model_usage()
+    assert usage["b"] == ModelUsage(prompt_tokens=5, calls=2, cost_usd=0.25)
+    assert report.total() == ModelUsage(
+        prompt_tokens=15, completion_tokens=2, calls=3, cost_usd=0.75
+    )
