@@ -135,3 +135,39 @@ async def test_events_published_while_postgres_is_down_are_stored_once_it_is_bac
 async def _consumer(broker: NatsBroker, durable: str) -> ConsumerInfo:
     js = broker.config.connection_state.stream
     return await js.consumer_info(subjects.EVENTS_STREAM, durable)
+
+
+async def test_events_are_stored_after_the_database_drops_every_connection(
+    nats_url: str, own_postgres: Postgres
+) -> None:
+    url = own_postgres.url
+    durable = f"memory-drop-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        database_url=url,
+        events_durable=durable,
+        pool_min_size=2,
+        outage_backoff_s=0.05,
+        bus=BusSettings(nats_url=nats_url, max_deliver=2, retry_backoff_s=0.05),
+    )
+    task_id = new_id("tsk")
+    app = create_app(settings, embedder=NoModel())
+    async with TestApp(app), client.connect(nats_url) as broker:
+        await publish_event(broker, TaskSubmitted(task_id=task_id, goal="drop"))
+        await eventually(lambda: stored_events(url, task_id), lambda t: len(t) == 1)
+        admin = await asyncpg.connect(url)
+        try:
+            dropped = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"
+            )
+        finally:
+            await admin.close()
+        assert dropped >= 1  # memory's pooled connections are gone
+        await publish_event(broker, TaskCompleted(task_id=task_id, answer="still here"))
+        types = await eventually(lambda: stored_events(url, task_id), lambda t: len(t) == 2)
+        assert types == ["task.submitted", "task.completed"]
+        js = broker.config.connection_state.stream
+        subject = subjects.event_subject(task_id, "task.completed")
+        assert await dead_letters(js, "memory", subject) == []
+        await js.delete_consumer(subjects.EVENTS_STREAM, durable)
