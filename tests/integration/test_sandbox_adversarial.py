@@ -368,6 +368,17 @@ async def test_a_container_left_running_after_its_task_is_reaped(
     config = settings.model_copy(
         update={"workspace_root": root, "pool_size": 0, "idle_ttl_s": 1, "reap_interval_s": 0.2}
     ).sandbox_config()
+    # A dead replica's pool container: started, never claimed, nobody to remove it.
+    orphan = await docker.containers.create(
+        {
+            "Image": base.IMAGE,
+            "Cmd": ["sleep", "infinity"],
+            "Labels": {"agentbus.role": "sandbox", base.LABEL_ROOT: str(root)},
+            "HostConfig": {"NetworkMode": "none"},
+        },
+        name=f"agentbus-pool-{uuid.uuid4().hex[:16]}",
+    )
+    await orphan.start()
     sandbox = await DockerSandbox.open(config)
     sandbox.start()
     try:
@@ -391,6 +402,7 @@ async def test_a_container_left_running_after_its_task_is_reaped(
             assert time.monotonic() < deadline, "an idle container was never reaped"
             await asyncio.sleep(0.2)
         assert (root / task).is_dir()  # the workspace stays for the user
+        assert not await base.exists(docker, orphan.id)
     finally:
         await sandbox.close()
     await assert_healthy(client)

@@ -39,6 +39,8 @@ removes the unclaimed containers.
 Idle reaper: every op touches ``<root>/.activity/<task_id>``; a background task
 removes task containers (of any replica on this root) unused for ``idle_ttl_s`` that
 have no exec running. The workspace stays; the next call gets a fresh container.
+It also removes other replicas' pool containers left unclaimed for a whole TTL (a
+replica that died without cleaning up).
 """
 
 from __future__ import annotations
@@ -567,8 +569,19 @@ class DockerSandbox:
         with _docker_errors("listing sandboxes"):
             containers = await self._docker.containers.list(all=True, filters=filters)
         now, removed = time.time(), 0
+        mine = {entry.name for entry in self._pool}
         for container in containers:
             names = [n.lstrip("/") for n in container["Names"]]
+            orphan = next((n for n in names if n.startswith(POOL_PREFIX) and n not in mine), "")
+            if orphan and now - float(container["Created"]) > self.config.idle_ttl_s:
+                # Another replica's pool container, unclaimed for a whole TTL: most likely
+                # that replica died. If it is alive, its claim of this one fails cleanly
+                # (404) and it takes the next or starts cold.
+                await self._discard_pool_entry(
+                    _PoolEntry(container, orphan, Path(self._root) / POOL_DIR / orphan)
+                )
+                removed += 1
+                continue
             task_id = next((n[len(NAME_PREFIX) :] for n in names if n.startswith(NAME_PREFIX)), "")
             if not task_id or self._active[task_id]:
                 continue
