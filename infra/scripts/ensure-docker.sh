@@ -5,6 +5,8 @@
 # Otherwise (as root) it installs Debian's docker.io if dockerd is missing and
 # starts dockerd in the background without bridge/iptables (the sandbox runs
 # its containers with --network none), logging to $AGENTBUS_DOCKERD_LOG.
+# As root it also installs Debian's docker-compose when missing (the tests
+# validate infra/compose.yaml with it).
 #
 # Environment:
 #   AGENTBUS_DOCKERD_LOG      dockerd log file (default /var/log/agentbus-dockerd.log)
@@ -23,6 +25,20 @@ engine_up() { docker info >/dev/null 2>&1; }
 
 # shellcheck source=apt.sh
 source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+
+# docker-compose validates infra/compose.yaml in the tests (no engine needed for
+# that). Debian's package is Compose v1 (1.29); only installed when missing and root.
+if ! command -v docker-compose >/dev/null 2>&1; then
+    if [[ $(id -u) -eq 0 ]]; then
+        say "installing docker-compose"
+        # Without its recommended docker.io: the engine is handled below, and may
+        # come from other packages (docker-ce) that docker.io would clash with.
+        apt_install --no-install-recommends docker-compose
+    else
+        say "docker-compose is missing; tests/integration/test_compose.py will be skipped" \
+            "(install it with: sudo apt-get install docker-compose)"
+    fi
+fi
 
 if command -v docker >/dev/null 2>&1 && engine_up; then
     say "engine already running (server $(docker version --format '{{.Server.Version}}' 2>/dev/null || echo '?'))"
