@@ -5,14 +5,24 @@ from __future__ import annotations
 import argparse
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiodocker
 import pytest
+import structlog
 
 from agentbus.cli import sandbox_cmd
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def keep_logging() -> Iterator[None]:
+    """The command configures structlog for its process; put the tests' config back."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import uuid
 from pathlib import Path
+from typing import TextIO, cast
+
+import structlog
 
 from agentbus.contracts import ExecOutcome, Language, SandboxExecReply
-from agentbus.core.logging import configure_logging
-from agentbus.core.settings import LogSettings
 
 EXIT_BAD_REQUEST = 2
 EXIT_NO_SANDBOX = 3
@@ -47,6 +49,32 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.set_defaults(handler=_exec)
 
 
+class _Stderr:
+    """``sys.stderr`` as it is at each write, not as it was when logging was set up."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _quiet_logging() -> None:
+    """The adapter's logs on stderr, warnings and up by default (AGENTBUS_LOG_LEVEL), so
+    stdout holds only the run's output or the JSON result."""
+    level = logging.getLevelName((os.environ.get("AGENTBUS_LOG_LEVEL") or "WARNING").upper())
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            level if isinstance(level, int) else logging.WARNING
+        ),
+        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _Stderr())),
+    )
+
+
 def _read_code(file: str) -> str:
     if file == "-":
         return sys.stdin.read()
@@ -60,9 +88,7 @@ def _exit_code(reply: SandboxExecReply) -> int:
 
 
 async def _exec(args: argparse.Namespace) -> int:
-    # Logs go to stderr and only warnings by default, so --json output stays clean.
-    level = os.environ.get("AGENTBUS_LOG_LEVEL") or "WARNING"
-    configure_logging("sandbox-cli", LogSettings(level=level))
+    _quiet_logging()
     try:
         code = await asyncio.to_thread(_read_code, args.file)
     except OSError as exc:
