@@ -292,7 +292,8 @@ async def test_filling_the_workspace_is_stopped(client: NatsBroker, workspace_ro
     big = await run(client, task, "open('big', 'wb').write(b'x' * (100 * 2**20))")
     assert big.outcome is ExecOutcome.ERROR
     assert "File too large" in big.stderr
-    assert (await run(client, task, "import os; os.remove('big')")).ok
+    removed = await run(client, task, "import os; os.remove('big')")
+    assert removed.outcome is ExecOutcome.OK, removed
     # Many files, each under the cap: the guard stops the run and replaces the container.
     fill = (
         "i = 0\n"
@@ -311,7 +312,8 @@ async def test_filling_the_workspace_is_stopped(client: NatsBroker, workspace_ro
     assert refused.error is not None
     assert "workspace is full" in refused.error
     # Deleting files makes room again.
-    assert (await run(client, task, "rm -f fill*", language=Language.BASH)).ok
+    cleaned = await run(client, task, "rm -f fill*", language=Language.BASH)
+    assert cleaned.outcome is ExecOutcome.OK, cleaned
     assert (await write(client, task, "more.txt", "x" * 1000)).ok
     await assert_healthy(client, task)
 

@@ -866,7 +866,10 @@ class DockerSandbox:
         try:
             result = await running
         finally:
-            guard.cancel()
+            if not stopped.is_set():
+                guard.cancel()
+            # else let it finish replacing the container: the next call must not find
+            # the old one half-removed
             # the guard's own failure (engine trouble while replacing) is only logged:
             # the run's result is what the caller needs
             (outcome,) = await asyncio.gather(guard, return_exceptions=True)
