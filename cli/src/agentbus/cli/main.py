@@ -38,7 +38,7 @@ from agentbus.core.llm.replay import load_transcripts
 from agentbus.core.settings import LLMSettings, TelemetrySettings
 from agentbus.core.tracing import build_tracer_provider
 
-from . import client
+from . import client, sandbox_cmd, tasks_cmd
 from .render import render_event, render_usage
 from .stack import EmbeddedStack, StackError
 
@@ -363,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = tasks_sub.add_parser("show", help="a task's summary and full event history")
     show.add_argument("task_id")
     show.set_defaults(handler=_tasks_show)
+    tasks_cmd.add_parsers(sub, tasks_sub)  # tasks list, costs
+    sandbox_cmd.add_parser(sub)  # sandbox exec
     return parser
 
 
