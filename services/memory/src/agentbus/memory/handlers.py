@@ -69,7 +69,7 @@ class MemoryDeps:
     dead_letters: DeadLetterPolicy
     events_durable: str = subjects.MEMORY_EVENTS_DURABLE
     batch_size: int = 100
-    batch_wait_s: float = 0.2
+    batch_wait_s: float = 0.05
     outage_backoff_s: float = 0.5
     outage_backoff_max_s: float = 10.0
     db: Database | None = None

@@ -51,7 +51,10 @@ class Settings(CommonSettings):
         100, ge=1, le=1000, description="Most events one replica stores in one transaction."
     )
     event_batch_wait_s: float = Field(
-        0.2, gt=0, description="Longest wait to fill an event batch (latency when quiet)."
+        0.05,
+        gt=0,
+        description="Longest wait to fill an event batch: the added latency of an event, "
+        "and (idle) how often the consumer polls.",
     )
     events_durable: str = Field(
         subjects.MEMORY_EVENTS_DURABLE,
