@@ -408,3 +408,14 @@ async def test_a_container_left_running_after_its_task_is_reaped(
     finally:
         await sandbox.close()
     await assert_healthy(client)
+
+
+async def test_killing_every_sandbox_process_breaks_nothing(client: NatsBroker) -> None:
+    """Code that kills all it can (the waiting exec of the next run included) only
+    ends its own run; the next run starts afresh."""
+    task = new_id("tsk")
+    assert (await run(client, task, "print('warm')")).stdout == "warm\n"
+    await asyncio.sleep(0.5)  # the next run's exec is waiting by now
+    killed = await run(client, task, "kill -9 -1", language=Language.BASH)
+    assert killed.exit_code == 137
+    await assert_healthy(client, task)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import shlex
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -252,6 +253,24 @@ def code_argv(
     interpreter = ["python3", "-c"] if language is Language.PYTHON else ["bash", "-c"]
     limit = f"{timeout_s:.3f}"
     return ["sh", "-c", RUN_SCRIPT, "sh", limit, stdin_path or "", *interpreter, code]
+
+
+READY_ARGV = ["sh", "-c", 'read -r n || exit 0; cmd=$(head -c "$n"); eval "exec $cmd"']
+"""A pre-started exec waiting for its run: it reads one instruction from stdin (a byte
+count line, then that many bytes of shell-quoted command) and execs it. Starting an
+exec is most of a run's latency (runc), so each task's container keeps one waiting;
+the run then is exactly what a fresh exec would have run (:func:`ready_instruction`)."""
+
+
+def ready_instruction(argv: list[str], env: Mapping[str, str]) -> bytes:
+    """The instruction for :data:`READY_ARGV`: ``env K=V ... argv`` quoted for sh.
+
+    ``env`` adds the run's variables on top of the exec's (the container's plus
+    :data:`BASE_ENV`), as a fresh exec with that environment would see them.
+    """
+    words = ["env", *(f"{k}={v}" for k, v in env.items()), *argv]  # argv[0] has no "="
+    command = " ".join(shlex.quote(w) for w in words).encode("utf-8", "surrogatepass")
+    return f"{len(command)}\n".encode() + command
 
 
 def timeout_argv(timeout_s: float) -> list[str]:

@@ -36,6 +36,14 @@ running container now writes straight into the task's workspace, which outlives 
 container for the user. A background task refills the pool; ``close`` cancels it and
 removes the unclaimed containers.
 
+Waiting exec: starting a ``docker exec`` (runc) is most of a warm run's latency, so
+each task's container (pool ones too) keeps one exec of ``domain.READY_ARGV`` started
+and waiting on stdin; a run writes its command line to it and it execs exactly what a
+fresh exec would have run, under the same wrapper. The next one is started after the
+run, in the background (``_Box.refill``, cancelled and awaited when the box is
+forgotten). It runs as the sandbox user, so code of the same task can kill it (the
+liveness check then falls back to a fresh exec) but gains nothing it does not have.
+
 Idle reaper: every op touches ``<root>/.activity/<task_id>``; a background task
 removes task containers (of any replica on this root) unused for ``idle_ttl_s`` that
 have no exec running. The workspace stays; the next call gets a fresh container.
@@ -105,11 +113,21 @@ _STALE_POOL_DIR_S = 600  # an empty pool directory this old with no container is
 
 
 @dataclass
+class _Ready:
+    """A started exec of ``domain.READY_ARGV`` waiting on stdin for its run."""
+
+    execution: Any
+    stream: Any
+
+
+@dataclass
 class _Box:
     """A task's container as this replica knows it."""
 
     container: Any  # aiodocker.containers.DockerContainer
     oom_kills: int | None  # the cgroup's oom_kill counter when last looked at
+    ready: _Ready | None = None
+    refill: asyncio.Task[None] | None = None  # starting the next ready exec
 
 
 @dataclass
@@ -117,6 +135,7 @@ class _PoolEntry:
     container: Any
     name: str
     workspace: Path
+    box: _Box | None = None  # with its waiting exec, started while in the pool
 
 
 @dataclass
@@ -229,6 +248,8 @@ class DockerSandbox:
 
     async def close(self) -> None:
         """Stop the background tasks, remove the unclaimed pool containers, disconnect."""
+        for task_id in list(self._boxes):
+            await self._forget(task_id)
         tasks, self._background = self._background, []
         for task in tasks:
             task.cancel()
@@ -400,9 +421,12 @@ class DockerSandbox:
             with contextlib.suppress(OSError):
                 source.rmdir()
             raise
-        return _PoolEntry(container, name, source)
+        box = _Box(container, 0)
+        await self._make_ready(box)  # the first run after a claim skips the exec start, too
+        return _PoolEntry(container, name, source, box)
 
     async def _discard_pool_entry(self, entry: _PoolEntry) -> None:
+        await self._release(entry.box)
         with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError):
             await entry.container.delete(force=True)
         with contextlib.suppress(OSError):
@@ -456,7 +480,7 @@ class DockerSandbox:
                 await self._discard_pool_entry(entry)
                 return None
             log.info("sandbox taken from the pool", container=entry.container.id[:12])
-            return _Box(entry.container, 0)
+            return entry.box or _Box(entry.container, 0)
         return None
 
     async def _find_or_create(self, task_id: str) -> _Box:
@@ -518,10 +542,68 @@ class DockerSandbox:
                 self._boxes[task_id] = box
             return box
 
+    # --- ready execs ------------------------------------------------------------------
+
+    def _prefetch(self, box: _Box) -> None:
+        """Start the box's next waiting exec in the background (kept in ``box.refill``,
+        cancelled and awaited by :meth:`_release`)."""
+        if box.ready is None and (box.refill is None or box.refill.done()):
+            box.refill = asyncio.create_task(self._make_ready(box), name="sandbox-ready")
+
+    async def _make_ready(self, box: _Box) -> None:
+        try:
+            execution = await self._start_exec(
+                box.container, domain.READY_ARGV, env=domain.BASE_ENV, stdin=True
+            )
+            stream = execution.start(detach=False)
+            await stream.__aenter__()
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+            log.debug("could not start a ready exec", error=str(exc))
+            return
+        box.ready = _Ready(execution, stream)
+
+    async def _take_ready(self, box: _Box) -> _Ready | None:
+        """The box's waiting exec if it is alive (waiting for one on its way, which is
+        never slower than starting a new one). The next one is started after the run
+        (:meth:`_after_run`): starting an exec takes CPU from the container's quota, and
+        the run would pay for it."""
+        if box.ready is None and box.refill is not None and not box.refill.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(box.refill)
+        ready, box.ready = box.ready, None
+        if ready is None:
+            return None
+        try:
+            alive = bool((await ready.execution.inspect()).get("Running"))
+        except aiodocker.DockerError:
+            alive = False
+        if not alive:
+            await self._close_ready(ready)
+            return None
+        return ready
+
+    async def _close_ready(self, ready: _Ready) -> None:
+        with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError):
+            await ready.stream.close()
+
+    async def _release(self, box: _Box | None) -> None:
+        """Stop a forgotten box's background work and its waiting exec."""
+        if box is None:
+            return
+        if box.refill is not None:
+            box.refill.cancel()
+            await asyncio.gather(box.refill, return_exceptions=True)
+        ready, box.ready = box.ready, None
+        if ready is not None:
+            await self._close_ready(ready)
+
+    async def _forget(self, task_id: str) -> None:
+        await self._release(self._boxes.pop(task_id, None))
+
     async def destroy(self, task_id: str) -> bool:
         """Remove the task's container (force). The host workspace stays: it holds the
         task's artifacts for the user."""
-        self._boxes.pop(task_id, None)
+        await self._forget(task_id)
         self._locks.pop(task_id, None)
         removed = False
         with _docker_errors("removing the sandbox"):
@@ -602,7 +684,11 @@ class DockerSandbox:
             info = await container.show()
             for exec_id in info.get("ExecIDs") or []:
                 details = await aiodocker.execs.Exec(self._docker, exec_id).inspect()
-                if details.get("Running"):
+                command = details.get("ProcessConfig") or {}
+                waiting = [command.get("entrypoint"), *command.get("arguments", [])]
+                # A waiting exec is not use; a run that went through one touched the
+                # activity marker when it started (idle_ttl_s > max_timeout_s).
+                if details.get("Running") and waiting != domain.READY_ARGV:
                     return True
         except aiodocker.DockerError:
             return False
@@ -628,9 +714,16 @@ class DockerSandbox:
         )
 
     async def _collect(
-        self, execution: Any, *, deadline_s: float, cap: int, stdin: bytes | None = None
+        self,
+        execution: Any,
+        *,
+        deadline_s: float,
+        cap: int,
+        stdin: bytes | None = None,
+        started_stream: Any = None,
     ) -> _Run:
-        """Start the exec and collect its capped output and exit code.
+        """Start the exec (unless ``started_stream`` is its started stream) and collect
+        its capped output and exit code.
 
         ``deadline_s`` is the safety net around everything; the command itself carries
         its own ``timeout -s KILL``.
@@ -654,7 +747,7 @@ class DockerSandbox:
             # reading it all (cannot fork, bad path). Docker's stdin copy then blocks, and
             # the output stream with it, forever: once the process is gone, stop both.
             while not feeding.done():
-                await asyncio.sleep(_FEED_POLL_S)
+                await asyncio.wait({feeding}, timeout=_FEED_POLL_S)  # not a fixed sleep
                 if feeding.done() or (await execution.inspect()).get("Running"):
                     continue
                 await asyncio.wait({draining}, timeout=0.5)
@@ -662,7 +755,8 @@ class DockerSandbox:
                 draining.cancel()
 
         try:
-            async with asyncio.timeout(deadline_s), execution.start(detach=False) as stream:
+            opened = started_stream or execution.start(detach=False)
+            async with asyncio.timeout(deadline_s), opened as stream:
                 if stdin is None:
                     await drain(stream)
                 else:
@@ -706,6 +800,7 @@ class DockerSandbox:
         exec exists it is never retried, so code never runs twice.
         """
         self._active[task_id] += 1
+        workspace.touch(self._activity_marker(task_id))  # seen by other replicas' reapers
         try:
             return await self._run_once(
                 task_id, argv, deadline_s=deadline_s, cap=cap, env=env, stdin=stdin
@@ -731,29 +826,51 @@ class DockerSandbox:
             box = await self._box(task_id)
             try:
                 with _docker_errors("running in the sandbox"):
+                    # Code runs in the box's waiting exec when there is one (same command,
+                    # same environment, no exec start to wait for); file operations and
+                    # runs with stdin start their own.
+                    ready = None
+                    if env is not None and stdin is None:
+                        ready = await self._take_ready(box)
+                    if ready is not None:
+                        run = await self._collect(
+                            ready.execution,
+                            deadline_s=deadline_s,
+                            cap=cap,
+                            stdin=domain.ready_instruction(list(argv), env or {}),
+                            started_stream=ready.stream,
+                        )
+                        return await self._after_run(task_id, box, run, deadline_s)
                     try:
                         execution = await self._start_exec(
                             box.container, argv, env=env, stdin=stdin is not None
                         )
                     except aiodocker.DockerError as exc:
                         if attempt == 1 and exc.status in {404, 409}:
-                            self._boxes.pop(task_id, None)
+                            await self._forget(task_id)
                             continue
                         raise
                     run = await self._collect(
                         execution, deadline_s=deadline_s, cap=cap, stdin=stdin
                     )
             except SandboxError:
-                self._boxes.pop(task_id, None)
+                await self._forget(task_id)
                 raise
-            if run.safety_net_fired:
-                log.error(
-                    "sandbox run outlived its deadline; removing the container",
-                    deadline_s=deadline_s,
-                )
-                await self.destroy(task_id)
-            return box, run
+            return await self._after_run(task_id, box, run, deadline_s)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _after_run(
+        self, task_id: str, box: _Box, run: _Run, deadline_s: float
+    ) -> tuple[_Box, _Run]:
+        if self._boxes.get(task_id) is box:  # not forgotten meanwhile (destroy)
+            self._prefetch(box)
+        if run.safety_net_fired:
+            log.error(
+                "sandbox run outlived its deadline; removing the container",
+                deadline_s=deadline_s,
+            )
+            await self.destroy(task_id)
+        return box, run
 
     # --- operations ---------------------------------------------------------------------
 
