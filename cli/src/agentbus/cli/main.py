@@ -317,6 +317,13 @@ async def _tasks_show(args: argparse.Namespace) -> int:
         print("answer: " + task.answer)
     if task.error:
         print("error: " + task.error)
+    if reply.steps:
+        print("\nsteps:")
+        for step in reply.steps:
+            detail = step.output if step.status == "completed" else step.error or ""
+            print(
+                f"  {step.id:<6} {step.status:<10} {step.title}" + (f": {detail}" if detail else "")
+            )
     print(f"\nhistory ({len(reply.events)} events):")
     for stored in reply.events:
         try:

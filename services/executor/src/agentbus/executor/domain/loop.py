@@ -35,6 +35,7 @@ and list_files work in that workspace; search_memory and save_memory reach long-
 Check results rather than assuming them. When the step is done, call finish_step with what
 it produced (values, file names)."""
 
+MEMORY_SUMMARY_CHARS = 800  # about 200 tokens: inside all-MiniLM-L6-v2's 256-token window
 WORKSPACE_TOOLS = frozenset({"run_python", "run_shell", "write_file"})
 
 
@@ -238,7 +239,10 @@ class StepRunner:
     ) -> StepResult:
         """A finished step; its result is saved to long-term memory for later work."""
         if self.memory is not None:
-            await self.memory.save(f"{goal} | step '{step.title}': {output}", "step_result")
+            # Memory refuses texts over its model's window rather than cutting them; a
+            # step's result is remembered as a bounded summary (head and tail).
+            summary = clip(f"{goal} | step '{step.title}': {output}", MEMORY_SUMMARY_CHARS)
+            await self.memory.save(summary, "step_result")
         return StepResult(
             True, output=output, usage=usage, iterations=iterations, touched_workspace=touched
         )
