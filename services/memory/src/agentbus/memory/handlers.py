@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -30,6 +31,9 @@ from faststream import AckPolicy, Context
 from faststream.nats import ConsumerConfig, NatsBroker, NatsRouter, PullSub
 from faststream.nats.message import NatsBatchMessage
 from nats.aio.msg import Msg
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+from prometheus_client import Histogram
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from agentbus.contracts import (
@@ -48,6 +52,7 @@ from agentbus.contracts import (
     TaskListRequest,
     subjects,
 )
+from agentbus.core import semconv
 from agentbus.core.bus import DeadLetterPolicy, events_stream
 from agentbus.core.settings import BusSettings
 
@@ -74,6 +79,8 @@ class MemoryDeps:
     outage_backoff_max_s: float = 10.0
     db: Database | None = None
     semantic: SemanticMemory | None = None
+    search_seconds: Histogram | None = None
+    tracer: Tracer = field(default_factory=lambda: trace.get_tracer("agentbus.memory"))
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -397,5 +404,16 @@ def register(broker: NatsBroker | NatsRouter, deps: MemoryDeps) -> None:
         description="The memories nearest in meaning to a query, with filters.",
     )
     async def search(request: MemorySearchRequest) -> MemorySearchReply:
-        with structlog.contextvars.bound_contextvars(task_id=request.task_id):
-            return await answer_search(deps.semantic, request)
+        with (
+            structlog.contextvars.bound_contextvars(task_id=request.task_id),
+            deps.tracer.start_as_current_span(
+                f"{semconv.SPAN_MEMORY} search", attributes={semconv.MEMORY_OPERATION: "search"}
+            ) as span,
+        ):
+            started = time.perf_counter()
+            reply = await answer_search(deps.semantic, request)
+            outcome = "ok" if reply.ok else "refused"
+            span.set_attribute(semconv.MEMORY_HITS, len(reply.hits))
+            if deps.search_seconds is not None:
+                deps.search_seconds.labels(outcome).observe(time.perf_counter() - started)
+            return reply

@@ -6,6 +6,10 @@ from typing import Literal, Self
 
 import structlog
 from faststream import FastStream
+from opentelemetry import trace
+from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import Histogram
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -123,12 +127,17 @@ class Settings(CommonSettings):
         return url
 
 
-def create_app(settings: Settings, *, embedder: Embedder | None = None) -> FastStream:
+def create_app(
+    settings: Settings,
+    *,
+    embedder: Embedder | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> FastStream:
     """The memory app; the database and the embedding model are opened when it starts.
 
     ``embedder`` replaces the configured model (tests pass one to count its calls).
     """
-    service = Service.create("memory", settings)
+    service = Service.create("memory", settings, tracer_provider=tracer_provider)
     dead_letters = DeadLetterPolicy("memory", settings.bus)
     dead_letters.attach(service.broker)
     deps = MemoryDeps(
@@ -140,10 +149,23 @@ def create_app(settings: Settings, *, embedder: Embedder | None = None) -> FastS
         outage_backoff_s=settings.outage_backoff_s,
         outage_backoff_max_s=settings.outage_backoff_max_s,
     )
+    deps.tracer = trace.get_tracer("agentbus.memory", tracer_provider=service.tracer_provider)
+    deps.search_seconds = Histogram(
+        "agentbus_memory_search_seconds",
+        "Semantic memory search latency (embedding the query included).",
+        ("outcome",),
+        registry=service.metrics,
+        buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    )
     register(service.broker, deps)
     service.readiness.append(deps.ready)
 
     async def open_database() -> None:
+        # A span per SQL statement, below the handler's span (OpenTelemetry's own
+        # asyncpg instrumentation; it patches asyncpg once per process).
+        instrumentor = AsyncPGInstrumentor()  # type: ignore[no-untyped-call]
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument(tracer_provider=service.tracer_provider)
         dsn = settings.require_database_url()
         deps.db = await Database.open(
             dsn,
