@@ -102,7 +102,7 @@ async def test_example_task_runs_end_to_end(stack: EmbeddedStack, broker: NatsBr
     async def no_container() -> bool:
         async with aiodocker.Docker() as docker:
             found = await docker.containers.list(
-                all=True, filters={"label": [f"agentbus.task_id={task_id}"]}
+                all=True, filters={"name": [f"^/agentbus-sbx-{task_id}$"]}
             )
         return not found
 

@@ -6,12 +6,16 @@ by the bus's dead-letter middleware (``agentbus.core.bus``)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import structlog
 from faststream.nats import NatsBroker
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from agentbus.contracts import (
     Event,
@@ -31,6 +35,7 @@ from agentbus.contracts import (
     TaskFailed,
     subjects,
 )
+from agentbus.core import semconv
 from agentbus.core.bus import event_subscriber
 from agentbus.core.settings import BusSettings
 
@@ -48,6 +53,8 @@ class SandboxDeps:
     bus: BusSettings
     concurrency: int = 8
     sandbox: DockerSandbox | None = None
+    metrics: SandboxMetrics | None = None
+    tracer: Tracer = field(default_factory=lambda: trace.get_tracer("agentbus.sandbox"))
 
     @property
     def ready(self) -> DockerSandbox:
@@ -57,6 +64,23 @@ class SandboxDeps:
 
     async def ping(self) -> bool:
         return self.sandbox is not None and await self.sandbox.ping()
+
+
+class SandboxMetrics:
+    def __init__(self, registry: CollectorRegistry, pool_size: Callable[[], int]) -> None:
+        self.exec_seconds = Histogram(
+            "agentbus_sandbox_exec_seconds",
+            "Code runs in the sandbox, by language and typed outcome.",
+            ("language", "outcome"),
+            registry=registry,
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        pool = Gauge(
+            "agentbus_sandbox_pool_size",
+            "Warm containers waiting in this replica's pool.",
+            registry=registry,
+        )
+        pool.set_function(pool_size)
 
 
 async def _answer(
@@ -86,7 +110,7 @@ async def _task_ended(deps: SandboxDeps, event: Event) -> None:
     with back-off (and dead-lettered after ``max_deliver`` tries)."""
     with structlog.contextvars.bound_contextvars(task_id=event.task_id):
         if await deps.ready.destroy(event.task_id):
-            log.info("removed the sandbox of an ended task", event=event.event_type)
+            log.info("removed the sandbox of an ended task", event_type=event.event_type)
 
 
 def register(deps: SandboxDeps) -> None:
@@ -95,19 +119,33 @@ def register(deps: SandboxDeps) -> None:
 
     @broker.subscriber(subjects.SANDBOX_EXEC, queue=queue, max_workers=workers)
     async def run_code(req: SandboxExecRequest) -> SandboxExecReply:
-        return await _answer(
-            deps,
-            req.task_id,
-            SandboxExecReply,
-            lambda sandbox: sandbox.run_code(
+        attributes = {semconv.TASK_ID: req.task_id, semconv.SANDBOX_LANGUAGE: req.language.value}
+        with deps.tracer.start_as_current_span(
+            semconv.SPAN_SANDBOX_EXEC, attributes=attributes
+        ) as span:
+            started = time.perf_counter()
+            reply = await _answer(
+                deps,
                 req.task_id,
-                language=req.language,
-                code=req.code,
-                timeout_s=req.timeout_s,
-                env=req.env,
-                stdin=req.stdin,
-            ),
-        )
+                SandboxExecReply,
+                lambda sandbox: sandbox.run_code(
+                    req.task_id,
+                    language=req.language,
+                    code=req.code,
+                    timeout_s=req.timeout_s,
+                    env=req.env,
+                    stdin=req.stdin,
+                ),
+            )
+            outcome = reply.outcome.value if reply.ok else "refused"
+            span.set_attribute(semconv.SANDBOX_OUTCOME, outcome)
+            if reply.exit_code is not None:
+                span.set_attribute(semconv.SANDBOX_EXIT_CODE, reply.exit_code)
+            if deps.metrics is not None:
+                deps.metrics.exec_seconds.labels(req.language.value, outcome).observe(
+                    time.perf_counter() - started
+                )
+            return reply
 
     @broker.subscriber(subjects.SANDBOX_WRITE_FILE, queue=queue, max_workers=workers)
     async def write_file(req: SandboxWriteFileRequest) -> SandboxWriteFileReply:

@@ -8,6 +8,8 @@ from pathlib import Path
 import structlog
 from faststream import FastStream
 from faststream.nats import NatsBroker
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -18,7 +20,7 @@ from agentbus.core.settings import CommonSettings
 
 from .adapters.docker import DockerSandbox
 from .domain import SandboxConfig
-from .handlers import SandboxDeps, register
+from .handlers import SandboxDeps, SandboxMetrics, register
 
 log = structlog.get_logger(__name__)
 
@@ -116,9 +118,13 @@ async def _other_replicas_running(broker: NatsBroker) -> bool:
     return True
 
 
-def create_app(settings: Settings) -> FastStream:
-    service = Service.create("sandbox", settings)
+def create_app(settings: Settings, tracer_provider: TracerProvider | None = None) -> FastStream:
+    service = Service.create("sandbox", settings, tracer_provider=tracer_provider)
     deps = SandboxDeps(broker=service.broker, bus=settings.bus, concurrency=settings.concurrency)
+    deps.tracer = trace.get_tracer("agentbus.sandbox", tracer_provider=service.tracer_provider)
+    deps.metrics = SandboxMetrics(
+        service.metrics, lambda: deps.sandbox.pool_available if deps.sandbox else 0
+    )
     register(deps)
     service.readiness.append(deps.ping)
 

@@ -75,6 +75,8 @@ class ObservedProvider:
                 self._count(model, "error", time.perf_counter() - started)
                 raise
             usage = response.usage
+            if not request.model:  # the provider chose: name the span after what answered
+                span.update_name(semconv.span_llm("chat", response.model))
             span.set_attributes(
                 {
                     semconv.GEN_AI_RESPONSE_MODEL: response.model,
