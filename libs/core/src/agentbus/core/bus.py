@@ -378,14 +378,16 @@ def add_health_responder(
 
 
 @contextlib.asynccontextmanager
-async def keep_in_progress(message: Any, every_s: float) -> AsyncIterator[None]:
-    """Tell JetStream a long handler is still working, so the event is not redelivered."""
+async def keep_in_progress(*messages: Any, every_s: float) -> AsyncIterator[None]:
+    """Tell JetStream long handlers are still working on these messages (FastStream or
+    nats-py messages: both have ``in_progress``), so they are not redelivered."""
 
     async def beat() -> None:
         while True:
             await asyncio.sleep(every_s)
-            with contextlib.suppress(Exception):
-                await message.in_progress()
+            for message in messages:
+                with contextlib.suppress(Exception):  # a missed beat only risks a redelivery
+                    await message.in_progress()
 
     task = asyncio.create_task(beat())
     try:

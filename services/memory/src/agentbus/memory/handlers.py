@@ -20,9 +20,8 @@ is written in one transaction and its messages are acked only after the commit:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -53,7 +52,7 @@ from agentbus.contracts import (
     subjects,
 )
 from agentbus.core import semconv
-from agentbus.core.bus import DeadLetterPolicy, events_stream
+from agentbus.core.bus import DeadLetterPolicy, events_stream, keep_in_progress
 from agentbus.core.settings import BusSettings
 
 from . import domain
@@ -132,7 +131,7 @@ async def store_events(deps: MemoryDeps, messages: Sequence[Msg]) -> None:
             )
     if not good:
         return
-    async with _in_progress([m for m, _ in good], deps.bus.ack_wait_s / 3):
+    async with keep_in_progress(*[m for m, _ in good], every_s=deps.bus.ack_wait_s / 3):
         try:
             stored = await _through_outage(deps, [i for _, i in good])
         except ShuttingDown:
@@ -192,26 +191,6 @@ async def _one_by_one(deps: MemoryDeps, good: list[tuple[Msg, domain.Incoming]])
                 await msg.nak(delay=deps.dead_letters.backoff(delivered))
         else:
             await msg.ack()
-
-
-@contextlib.asynccontextmanager
-async def _in_progress(messages: Sequence[Msg], every_s: float) -> AsyncIterator[None]:
-    """Tell JetStream the batch is still being worked on, so it is not redelivered."""
-
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            for msg in messages:
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
-
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 # --- task queries --------------------------------------------------------------------
