@@ -97,6 +97,10 @@ async def test_example_task_runs_end_to_end(stack: EmbeddedStack, broker: NatsBr
     assert reply.task.status.value == "completed"
     assert reply.task.answer == done.answer
     assert reply.task.usage.total.calls == 7
+    steps = {step.id: step for step in reply.steps}
+    assert steps["s1"].status == "completed" and steps["s2"].status == "completed"
+    assert (steps["s1"].usage.total.calls, steps["s2"].usage.total.calls) == (2, 3)
+    assert steps["s2"].usage.total.cost_usd > 0
 
     # The task's container is gone once the task is over.
     async def no_container() -> bool:

@@ -184,6 +184,9 @@ class StepSummary(Contract):
     attempt: int = Field(0, ge=0, description="Latest attempt seen (0: not started).")
     output: str | None = Field(None, description="Output of the step, once completed.")
     error: str | None = Field(None, description="Why the latest attempt failed, if it did.")
+    usage: Usage = Field(
+        default_factory=Usage, description="LLM spend of the step, all attempts together."
+    )
 
 
 class TaskHistoryReply(Reply):

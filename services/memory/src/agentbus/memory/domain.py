@@ -225,6 +225,7 @@ class StepView:
     attempt: int = 0
     output: str | None = None
     error: str | None = None
+    usage: Usage = field(default_factory=Usage)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -234,6 +235,7 @@ class StepView:
             "attempt": self.attempt,
             "output": self.output,
             "error": self.error,
+            "usage": self.usage.model_dump(mode="json"),
         }
 
     @classmethod
@@ -245,6 +247,7 @@ class StepView:
             attempt=data.get("attempt", 0),
             output=data.get("output"),
             error=data.get("error"),
+            usage=Usage.model_validate(data.get("usage") or {}),
         )
 
 
@@ -448,8 +451,10 @@ def _step_result(
 ) -> TaskProjection:
     spent = _spent(p, event.usage)  # a stale attempt's spend is real all the same
     view = p.step(event.step_id) or StepView(id=event.step_id)
+    view = replace(view, usage=view.usage + event.usage)
     if view.attempt > event.attempt:
-        return replace(p, usage=spent)  # a newer attempt's result must not be overwritten
+        # A newer attempt's result must not be overwritten; its spend still counts.
+        return replace(_with_step(p, view), usage=spent)
     view = replace(view, status=status, attempt=event.attempt, output=output, error=error)
     p = _with_step(p, view)
     return replace(p, status=_moved(p.status, TaskStatus.RUNNING), usage=spent)
