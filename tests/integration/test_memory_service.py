@@ -178,6 +178,7 @@ async def test_task_history_holds_the_events_in_order_and_the_completed_task(
             "attempt": 1,
             "output": "1 2 3",
             "error": None,
+            "usage": stepping.model_dump(),  # the step's own spend
         }
     ]
 
@@ -191,6 +192,7 @@ async def test_task_history_holds_the_events_in_order_and_the_completed_task(
         "attempt": 1,
         "output": "1 2 3",
         "error": None,
+        "usage": stepping.model_dump(mode="json"),
     }
 
 
