@@ -6,6 +6,7 @@ Adapters only translate between our neutral format and their wire format."""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
@@ -20,9 +21,10 @@ from tenacity import (
 )
 from tenacity.wait import wait_base
 
-from agentbus.contracts import utcnow
+from agentbus.contracts import ModelUsage, utcnow
 
-from .base import LLMError
+from .base import ChatRequest, ChatResponse, LLMError
+from .pricing import PriceTable
 
 T = TypeVar("T")
 
@@ -167,3 +169,66 @@ def _json_object(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TypeError(f"expected a JSON object, got {type(data).__name__}")
     return data
+
+
+class HttpProvider(abc.ABC):
+    """What every HTTP provider adapter shares: the transport, the model and the price
+    table. An adapter says where to post and how to authenticate, and translates the
+    request and the answer of its wire format."""
+
+    name: str
+    path: str
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        model: str,
+        prices: PriceTable,
+        timeout_s: float = 120,
+        max_attempts: int = 4,
+        max_wait_s: float = 30,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._http = HttpTransport(
+            self._root(base_url),
+            headers=self._headers(api_key),
+            timeout_s=timeout_s,
+            max_attempts=max_attempts,
+            max_wait_s=max_wait_s,
+            transport=transport,
+        )
+        self.model = model
+        self.prices = prices
+
+    @property
+    def base_url(self) -> str:
+        return self._http.base_url
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        return await self._http.post_json(
+            self.path, self._body(request), lambda data: self._read(request, data)
+        )
+
+    def _root(self, base_url: str) -> str:
+        return base_url
+
+    def _priced(
+        self, answered: object, request: ChatRequest, usage: ModelUsage
+    ) -> tuple[str, ModelUsage]:
+        """The model that answered (else the one asked for) and the usage with its cost."""
+        model = str(answered or request.model or self.model)
+        return model, usage.model_copy(update={"cost_usd": self.prices.cost(model, usage)})
+
+    @abc.abstractmethod
+    def _headers(self, api_key: str | None) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    def _body(self, request: ChatRequest) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def _read(self, request: ChatRequest, data: dict[str, Any]) -> ChatResponse: ...

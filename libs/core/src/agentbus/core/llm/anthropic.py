@@ -19,13 +19,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-
 from agentbus.contracts import ModelUsage
 
-from ._http import HttpTransport
+from ._http import HttpProvider
 from .base import ChatRequest, ChatResponse, Message, ToolCall
-from .pricing import PriceTable
 
 ANTHROPIC_API_URL = "https://api.anthropic.com"
 # Pinned: a newer version may change the wire format under us.
@@ -73,52 +70,23 @@ def to_wire(messages: list[Message]) -> tuple[str, list[dict[str, Any]]]:
     return system, turns
 
 
-class AnthropicProvider:
+class AnthropicProvider(HttpProvider):
     """``POST {base_url}/v1/messages`` with tools and usage; retries 429/5xx/529.
 
     ``base_url`` is the API root, ``https://api.anthropic.com``; a trailing ``/v1`` is
     accepted too, so both spellings reach ``/v1/messages``."""
 
     name = "anthropic"
+    path = "/v1/messages"
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        api_key: str | None,
-        model: str,
-        prices: PriceTable,
-        timeout_s: float = 120,
-        max_attempts: int = 4,
-        max_wait_s: float = 30,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        root = (base_url or ANTHROPIC_API_URL).rstrip("/").removesuffix("/v1")
+    def _root(self, base_url: str) -> str:
+        return (base_url or ANTHROPIC_API_URL).rstrip("/").removesuffix("/v1")
+
+    def _headers(self, api_key: str | None) -> dict[str, str]:
         headers = {"anthropic-version": ANTHROPIC_VERSION}
         if api_key:
             headers["x-api-key"] = api_key
-        self._http = HttpTransport(
-            root,
-            headers=headers,
-            timeout_s=timeout_s,
-            max_attempts=max_attempts,
-            max_wait_s=max_wait_s,
-            transport=transport,
-        )
-        self.model = model
-        self.prices = prices
-
-    @property
-    def base_url(self) -> str:
-        return self._http.base_url
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def chat(self, request: ChatRequest) -> ChatResponse:
-        return await self._http.post_json(
-            "/v1/messages", self._body(request), lambda data: self._read(request, data)
-        )
+        return headers
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
         system, messages = to_wire(request.messages)
@@ -161,8 +129,7 @@ class AnthropicProvider:
             cached_tokens=cache_read,
             calls=1,
         )
-        model = str(data.get("model") or request.model or self.model)
-        usage = usage.model_copy(update={"cost_usd": self.prices.cost(model, usage)})
+        model, usage = self._priced(data.get("model"), request, usage)
         message = Message(
             role="assistant", content="".join(texts) if texts else None, tool_calls=calls
         )

@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
-
 from agentbus.contracts import ModelUsage
 
-from ._http import HttpTransport
+from ._http import HttpProvider
 from .base import ChatRequest, ChatResponse, Message, ToolCall
-from .pricing import PriceTable
 
 
 def _to_wire(message: Message) -> dict[str, Any]:
@@ -43,42 +40,14 @@ def _parse_tool_call(raw: dict[str, Any]) -> ToolCall:
     return ToolCall(id=str(raw.get("id") or ""), name=str(fn.get("name") or ""), arguments=args)
 
 
-class OpenAIProvider:
+class OpenAIProvider(HttpProvider):
     """``POST {base_url}/chat/completions`` with tools and usage; retries 429/5xx."""
 
     name = "openai"
+    path = "/chat/completions"
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        api_key: str | None,
-        model: str,
-        prices: PriceTable,
-        timeout_s: float = 120,
-        max_attempts: int = 4,
-        max_wait_s: float = 30,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = HttpTransport(
-            base_url,
-            headers=headers,
-            timeout_s=timeout_s,
-            max_attempts=max_attempts,
-            max_wait_s=max_wait_s,
-            transport=transport,
-        )
-        self.model = model
-        self.prices = prices
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def chat(self, request: ChatRequest) -> ChatResponse:
-        return await self._http.post_json(
-            "/chat/completions", self._body(request), lambda data: self._read(request, data)
-        )
+    def _headers(self, api_key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -115,8 +84,7 @@ class OpenAIProvider:
             cached_tokens=int(details.get("cached_tokens") or 0),
             calls=1,
         )
-        model = str(data.get("model") or request.model or self.model)
-        usage = usage.model_copy(update={"cost_usd": self.prices.cost(model, usage)})
+        model, usage = self._priced(data.get("model"), request, usage)
         message = Message(
             role="assistant",
             content=raw.get("content"),
