@@ -11,7 +11,7 @@ import argparse
 import re
 import sys
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from agentbus.contracts import (
     CostsReply,
@@ -93,7 +93,15 @@ def _add_range(parser: argparse.ArgumentParser, *, default_since: str | None) ->
 # --- handlers ------------------------------------------------------------------------
 
 
-async def _ask(subject: str, request: Any, reply_type: type[Reply]) -> Reply | int:
+R = TypeVar("R", bound=Reply)
+
+
+def _short(goal: str, width: int) -> str:
+    goal = goal.replace("\n", " ")
+    return goal if len(goal) <= width else goal[: width - 3] + "..."
+
+
+async def _ask(subject: str, request: Any, reply_type: type[R]) -> R | int:
     """Send one request to memory (starting the embedded stack if needed); an exit code
     if that fails."""
     from . import client
@@ -126,7 +134,6 @@ async def tasks_list_command(args: argparse.Namespace) -> int:
     reply = await _ask(subjects.MEMORY_TASK_LIST, request, TaskListReply)
     if isinstance(reply, int):
         return reply
-    assert isinstance(reply, TaskListReply)  # noqa: S101 - _ask returns the asked type
     if args.json:
         print(reply.model_dump_json(indent=1))
         return 0
@@ -135,11 +142,9 @@ async def tasks_list_command(args: argparse.Namespace) -> int:
         return 0
     print(f"{'task':<25} {'status':<16} {'submitted (UTC)':<19} {'cost $':>9}  goal")
     for task in reply.tasks:
-        goal = task.goal.replace("\n", " ")
-        goal = goal if len(goal) <= 60 else goal[:57] + "..."
         print(
             f"{task.task_id:<25} {task.status.value:<16} {task.created_at:%Y-%m-%d %H:%M:%S} "
-            f"{task.usage.total.cost_usd:>9.4f}  {goal}"
+            f"{task.usage.total.cost_usd:>9.4f}  {_short(task.goal, 60)}"
         )
     return 0
 
@@ -150,7 +155,6 @@ async def costs_command(args: argparse.Namespace) -> int:
     reply = await _ask(subjects.MEMORY_COSTS, request, CostsReply)
     if isinstance(reply, int):
         return reply
-    assert isinstance(reply, CostsReply)  # noqa: S101 - _ask returns the asked type
     if args.json:
         print(reply.model_dump_json(indent=1))
         return 0
@@ -167,11 +171,9 @@ async def costs_command(args: argparse.Namespace) -> int:
     if reply.by_task:
         print(f"\ncostliest tasks:\n{'task':<25} {'status':<16} {'cost $':>10}  goal")
         for task in reply.by_task:
-            goal = task.goal.replace("\n", " ")
-            goal = goal if len(goal) <= 50 else goal[:47] + "..."
             print(
                 f"{task.task_id:<25} {task.status.value:<16} "
-                f"{task.usage.total.cost_usd:>10.4f}  {goal}"
+                f"{task.usage.total.cost_usd:>10.4f}  {_short(task.goal, 50)}"
             )
     return 0
 
