@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import io
 import json
+import logging
+from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -10,10 +13,22 @@ from agentbus.core.logging import configure_logging, get_logger
 from agentbus.core.settings import LogSettings
 
 
-def test_json_lines_carry_service_task_and_trace_ids_and_hide_secrets(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    configure_logging("planner", LogSettings(format="json", level="INFO"))
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """configure_logging sets process-wide state; put it back for the tests after this."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_json_lines_carry_service_task_and_trace_ids_and_hide_secrets() -> None:
+    out = io.StringIO()
+    configure_logging("planner", LogSettings(format="json", level="INFO"), stream=out)
     tracer = TracerProvider().get_tracer("test")
     log = get_logger("test")
     with (
@@ -22,8 +37,7 @@ def test_json_lines_carry_service_task_and_trace_ids_and_hide_secrets(
     ):
         log.info("calling the model", api_key="sk-live-123", authorization="Bearer sk-live-123")
         log.debug("the whole prompt", prompt="secret plans")
-    structlog.contextvars.clear_contextvars()
-    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+    lines = [json.loads(line) for line in out.getvalue().splitlines() if line]
     (line,) = lines  # the debug line is not written at INFO
     ctx = span.get_span_context()
     assert line["service"] == "planner"

@@ -6,7 +6,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 from opentelemetry import trace
@@ -31,13 +31,17 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
-def configure_logging(service: str, settings: LogSettings | None = None) -> None:
-    """Configure structlog and the stdlib root logger for one service process."""
+def configure_logging(
+    service: str, settings: LogSettings | None = None, *, stream: TextIO | None = None
+) -> None:
+    """Configure structlog and the stdlib root logger for one service process
+    (writing to ``stream``, standard error by default)."""
     settings = settings or LogSettings()
+    out = stream or sys.stderr
     level = logging.getLevelName(settings.level.upper())
     if not isinstance(level, int):
         level = logging.INFO
-    as_json = settings.format == "json" or (settings.format == "auto" and not sys.stderr.isatty())
+    as_json = settings.format == "json" or (settings.format == "auto" and not out.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     )
@@ -51,12 +55,12 @@ def configure_logging(service: str, settings: LogSettings | None = None) -> None
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service)
     # Route stdlib logging (FastStream, nats, asyncpg) through the same renderer.
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
