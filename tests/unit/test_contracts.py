@@ -8,7 +8,10 @@ from pydantic import ValidationError
 from agentbus.contracts import (
     EVENT_TYPES,
     Budget,
+    BudgetFigure,
+    BudgetKind,
     ModelUsage,
+    OnBudget,
     Plan,
     PlanStep,
     StepCompleted,
@@ -38,7 +41,7 @@ def test_task_ids_that_would_break_subjects_are_rejected(bad: str) -> None:
 
 
 def test_every_event_type_round_trips_through_parse_event() -> None:
-    assert len(EVENT_TYPES) == 10
+    assert len(EVENT_TYPES) == 15
     for event_type, cls in EVENT_TYPES.items():
         fields = {
             "task.submitted": {"goal": "g"},
@@ -51,6 +54,15 @@ def test_every_event_type_round_trips_through_parse_event() -> None:
             "task.failed": {"reason": "r"},
             "task.cancel_requested": {},
             "task.cancelled": {"reason": "r"},
+            "step.paused": {"step_id": "s1", "reason": "budget"},
+            "llm.called": {"role": "executor", "model": "m", "usage": ModelUsage(calls=1)},
+            "budget.warning": {"figure": BudgetFigure(kind=BudgetKind.COST, used=0.8, limit=1)},
+            "budget.exhausted": {
+                "figure": BudgetFigure(kind=BudgetKind.TOKENS, used=90, limit=100),
+                "reason": "r",
+                "action": OnBudget.PAUSE,
+            },
+            "task.approved": {"add_cost_usd": 1.0},
         }[event_type]
         event = cls(task_id="tsk_1", **fields)
         wire = event.model_dump_json()

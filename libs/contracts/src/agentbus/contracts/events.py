@@ -12,7 +12,18 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, TypeAdapter
 
-from .models import Budget, Contract, PlanStep, StepId, Usage, new_id, utcnow
+from .models import (
+    Budget,
+    BudgetKind,
+    Contract,
+    ModelUsage,
+    OnBudget,
+    PlanStep,
+    StepId,
+    Usage,
+    new_id,
+    utcnow,
+)
 from .subjects import event_subject
 
 SCHEMA_VERSION = 1
@@ -132,6 +143,79 @@ class TaskCancelled(Event):
     usage: Usage = Field(default_factory=Usage, description="Total LLM spend of the task.")
 
 
+class StepPaused(Event):
+    """The step stopped because the task's budget ran out (or the task was paused); its
+    conversation is checkpointed, and it resumes where it stopped after approval."""
+
+    event_type: ClassVar[str] = "step.paused"
+    type: Literal["step.paused"] = "step.paused"
+    step_id: StepId
+    reason: str = Field(description="Why the step stopped.")
+    usage: Usage = Field(default_factory=Usage, description="LLM spend of this attempt.")
+    worker: str = Field("", description="The executor replica that ran the step.")
+    attempt: int = Field(1, ge=1, description="Which dispatch of the step this answers.")
+
+
+class LLMCalled(Event):
+    """One LLM call and what it cost, attributed to its task and step."""
+
+    event_type: ClassVar[str] = "llm.called"
+    type: Literal["llm.called"] = "llm.called"
+    role: str = Field(description="planner or executor.")
+    step_id: str = Field("", description="The step the call was for; empty for planning.")
+    conversation: str = Field("", description="The dialogue the call belongs to.")
+    model: str = Field(description="The model that answered.")
+    usage: ModelUsage = Field(description="Tokens and cost of this call.")
+    reserved_tokens: int = Field(0, ge=0, description="Worst case reserved before the call.")
+    reserved_cost_usd: float = Field(0, ge=0, description="Worst-case cost reserved.")
+    duration_ms: float = Field(0, ge=0, description="How long the call took.")
+
+
+class BudgetFigure(Contract):
+    kind: BudgetKind = Field(description="Which budget.")
+    used: float = Field(ge=0, description="Spent so far.")
+    limit: float = Field(gt=0, description="The budget.")
+
+
+class BudgetWarning(Event):
+    """A budget of the task is 80% (or more) spent."""
+
+    event_type: ClassVar[str] = "budget.warning"
+    type: Literal["budget.warning"] = "budget.warning"
+    figure: BudgetFigure = Field(description="The budget crossed and how much is spent.")
+    threshold: float = Field(0.8, description="The fraction that was crossed.")
+
+
+class BudgetExhausted(Event):
+    """A call or step was refused because it could cross a budget; the task pauses for
+    approval or fails, as ``action`` says."""
+
+    event_type: ClassVar[str] = "budget.exhausted"
+    type: Literal["budget.exhausted"] = "budget.exhausted"
+    figure: BudgetFigure = Field(description="The budget that ran out.")
+    needed: float = Field(0, ge=0, description="What the refused call could have spent.")
+    reason: str = Field(description="What ran out, in words a person can act on.")
+    action: OnBudget = Field(description="pause (await approval) or fail.")
+    approval_deadline: datetime | None = Field(
+        None, description="When a paused task fails unless approved."
+    )
+    step_id: str = Field("", description="The step whose call was refused, if any.")
+    round: int = Field(0, ge=0, description="How many approvals the task had before this.")
+
+
+class TaskApproved(Event):
+    """A person (or any client) lets a paused task go on, with more budget."""
+
+    event_type: ClassVar[str] = "task.approved"
+    type: Literal["task.approved"] = "task.approved"
+    add_cost_usd: float = Field(0, ge=0, description="US dollars added to the cost budget.")
+    add_tokens: int = Field(0, ge=0, description="Tokens added to the token budget.")
+    add_llm_calls: int = Field(0, ge=0, description="LLM calls added.")
+    add_sandbox_cpu_seconds: float = Field(0, ge=0, description="Sandbox CPU-seconds added.")
+    add_wall_seconds: float = Field(0, ge=0, description="Seconds added to the time limit.")
+    approved_by: str = Field("cli", max_length=200, description="Who approved.")
+
+
 AnyEvent = Annotated[
     TaskSubmitted
     | PlanCreated
@@ -139,6 +223,11 @@ AnyEvent = Annotated[
     | StepToolCalled
     | StepCompleted
     | StepFailed
+    | StepPaused
+    | LLMCalled
+    | BudgetWarning
+    | BudgetExhausted
+    | TaskApproved
     | TaskCompleted
     | TaskFailed
     | TaskCancelRequested
@@ -155,6 +244,11 @@ EVENT_TYPES: dict[str, type[Event]] = {
         StepToolCalled,
         StepCompleted,
         StepFailed,
+        StepPaused,
+        LLMCalled,
+        BudgetWarning,
+        BudgetExhausted,
+        TaskApproved,
         TaskCompleted,
         TaskFailed,
         TaskCancelRequested,

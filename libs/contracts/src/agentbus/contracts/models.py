@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -85,8 +86,26 @@ class Usage(Contract):
         return cls(by_model={model: part})
 
 
+class OnBudget(StrEnum):
+    """What a task does when one of its budgets runs out."""
+
+    PAUSE = "pause"  # wait for approval (agentbus approve), fail after the approval timeout
+    FAIL = "fail"  # fail at once with the reason
+
+
+class BudgetKind(StrEnum):
+    """The kinds of budget a task has; used in warnings, refusals and approvals."""
+
+    COST = "cost"
+    TOKENS = "tokens"
+    LLM_CALLS = "llm_calls"
+    SANDBOX_CPU = "sandbox_cpu"
+    TIME = "time"
+
+
 class Budget(Contract):
-    """Limits of one task. ``None`` means no limit of that kind."""
+    """Limits of one task. For the optional limits ``None`` means the platform's default
+    (the planner's ``AGENTBUS_BUDGET_*`` settings), which is no limit unless configured."""
 
     max_steps: int = Field(12, ge=1, le=200, description="Most plan steps the task may run.")
     max_replans: int = Field(
@@ -95,7 +114,20 @@ class Budget(Contract):
     max_tokens: int | None = Field(None, ge=1, description="Most LLM tokens (in + out).")
     max_cost_usd: float | None = Field(None, gt=0, description="Most LLM spend in US dollars.")
     max_wall_seconds: float = Field(
-        1800, gt=0, description="Wall-clock limit from submission to the end of the task."
+        1800,
+        gt=0,
+        description="Wall-clock limit from submission to the end of the task; time spent "
+        "waiting for approval does not count.",
+    )
+    max_llm_calls: int | None = Field(None, ge=1, description="Most LLM calls.")
+    max_sandbox_cpu_seconds: float | None = Field(
+        None, gt=0, description="Most CPU-seconds the task's code may use in the sandbox."
+    )
+    on_exhausted: OnBudget | None = Field(
+        None, description="pause (wait for approval) or fail when a budget runs out."
+    )
+    approval_timeout_s: float | None = Field(
+        None, gt=0, description="How long a paused task waits for approval before failing."
     )
 
 

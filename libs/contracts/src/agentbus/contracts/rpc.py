@@ -53,6 +53,7 @@ class SandboxExecReply(Reply):
     stderr: str = Field("", description="Standard error (capped).")
     duration_ms: float = Field(0, ge=0, description="Wall time of the run.")
     outcome: ExecOutcome = Field(ExecOutcome.ERROR, description="Typed result of the run.")
+    cpu_seconds: float = Field(0, ge=0, description="CPU time (user + system) the run used.")
 
 
 class SandboxWriteFileRequest(Contract):
@@ -148,6 +149,7 @@ class TaskStatus(StrEnum):
     SUBMITTED = "submitted"
     PLANNED = "planned"
     RUNNING = "running"
+    AWAITING_APPROVAL = "awaiting_approval"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCEL_REQUESTED = "cancel_requested"
@@ -180,7 +182,7 @@ class TaskHistoryRequest(Contract):
 class StepSummary(Contract):
     id: str = Field(description="Step id within the plan.")
     title: str = Field("", description="Short title of the step.")
-    status: str = Field(description="pending, running, completed or failed.")
+    status: str = Field(description="pending, running, paused (budget), completed or failed.")
     attempt: int = Field(0, ge=0, description="Latest attempt seen (0: not started).")
     output: str | None = Field(None, description="Output of the step, once completed.")
     error: str | None = Field(None, description="Why the latest attempt failed, if it did.")

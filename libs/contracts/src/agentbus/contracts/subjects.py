@@ -46,7 +46,12 @@ EXECUTOR_STEPS_DURABLE: Final = "executor-steps"
 MEMORY_EVENTS_DURABLE: Final = "memory-events"
 SANDBOX_LIFECYCLE_DURABLE: Final = "sandbox-lifecycle"
 
+# JetStream key-value buckets. Every replica of every service shares them.
 PLANNER_STATE_BUCKET: Final = "agentbus_planner_tasks"
+PLANNER_TIMERS_BUCKET: Final = "agentbus_planner_timers"  # task -> next deadline
+BUDGET_LEDGER_BUCKET: Final = "agentbus_budgets"  # task -> spend, reservations, limits
+RATE_LIMIT_BUCKET: Final = "agentbus_rate_limits"  # provider+key -> request/token windows
+STEP_CHECKPOINT_BUCKET: Final = "agentbus_step_checkpoints"  # task.step -> paused dialogue
 
 SERVICES: Final = ("planner", "executor", "sandbox", "memory")
 
