@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext as _JetStream
 from nats.js.errors import BadRequestError
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
@@ -54,6 +56,34 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 log = structlog.get_logger(__name__)
+
+
+def _fetch_times_out_as_nats_does(cls: Any = _JetStream.PullSubscription) -> None:
+    """nats-py 2.16's batch ``fetch`` can end with a bare ``asyncio.TimeoutError`` (when
+    its deadline has passed before the lingering pull request) instead of
+    ``nats.errors.TimeoutError``. FastStream 0.7.8's batch pull loop catches only the
+    latter; the former kills the loop, and the messages the loop had already fetched
+    stay unacked until ``ack_wait`` (60 s) redelivers them. Memory's batch consumer hit
+    it often. Raise what callers expect (a ``nats.errors.TimeoutError`` is an
+    ``asyncio.TimeoutError`` too, so no caller loses anything)."""
+    original = cls.fetch
+    if getattr(original, "_agentbus_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    async def fetch(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original(self, *args, **kwargs)
+        except nats.errors.TimeoutError:
+            raise
+        except TimeoutError as exc:
+            raise nats.errors.TimeoutError from exc
+
+    fetch._agentbus_wrapped = True  # type: ignore[attr-defined]
+    cls.fetch = fetch
+
+
+_fetch_times_out_as_nats_does()
 
 R = TypeVar("R", bound=Reply)
 
