@@ -21,9 +21,8 @@ from agentbus.core.llm import (
     build_provider,
 )
 from agentbus.core.settings import LLMSettings
-
-from .test_openai_provider import FakeOpenAI as FakeServer
-from .test_openai_provider import Scripted, server
+from tests.fake_llm import FakeOpenAI as FakeServer
+from tests.fake_llm import Scripted, server
 
 __all__ = ["server"]  # the fixture, shared with the OpenAI tests
 

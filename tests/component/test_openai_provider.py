@@ -1,88 +1,17 @@
 """The OpenAI-compatible adapter against a real HTTP server on loopback that speaks
-the chat-completions protocol with scripted replies. The server is protocol-agnostic
-(it records what it gets and plays scripted replies); the Anthropic tests use it too."""
+the chat-completions protocol with scripted replies (``tests.fake_llm``, which the
+Anthropic and rate limiter tests use too)."""
 
 from __future__ import annotations
 
-import json
-import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from agentbus.core.llm import ChatRequest, LLMError, Message, OpenAIProvider, PriceTable, ToolSpec
+from tests.fake_llm import FakeOpenAI, Scripted, completion, server
 
-
-@dataclass
-class Scripted:
-    status: int = 200
-    body: Any = None
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0  # seconds to wait before answering (to provoke client timeouts)
-
-
-@dataclass
-class FakeOpenAI:
-    replies: list[Scripted] = field(default_factory=list)
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    auth: list[str] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
-    arrived: list[float] = field(default_factory=list)  # time.monotonic() per request
-
-
-@pytest.fixture
-def server() -> Iterator[tuple[FakeOpenAI, str]]:
-    state = FakeOpenAI()
-    stopping = threading.Event()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            state.arrived.append(time.monotonic())
-            length = int(self.headers["Content-Length"])
-            state.requests.append({"path": self.path, **json.loads(self.rfile.read(length))})
-            state.auth.append(self.headers.get("Authorization", ""))
-            state.headers.append({k.lower(): v for k, v in self.headers.items()})
-            reply = state.replies.pop(0)
-            if reply.delay and stopping.wait(reply.delay):
-                return
-            payload = (
-                reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
-            )
-            try:
-                self.send_response(reply.status)
-                for k, v in reply.headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-            except OSError:
-                return  # the client gave up (timed out) before we answered
-
-        def log_message(self, *args: object) -> None:
-            return
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    # A short poll interval lets shutdown() return at once instead of after 0.5 s.
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield state, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    stopping.set()
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def completion(message: dict[str, Any], **usage: Any) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-1",
-        "model": "gpt-4o-mini-2024-07-18",
-        "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
-        "usage": {"prompt_tokens": 100, "completion_tokens": 20, **usage},
-    }
+__all__ = ["server"]  # the fixture
 
 
 def provider(url: str, **kw: Any) -> OpenAIProvider:

@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import uvicorn
 from faststream import FastStream
@@ -20,9 +20,13 @@ from prometheus_client import CollectorRegistry, Gauge, make_asgi_app
 
 from agentbus.contracts import subjects
 
-from .bus import add_health_responder, create_broker, ensure_streams
+from .budget import BudgetLedger
+from .bus import add_health_responder, create_broker, ensure_streams, publish_event
+from .llm import LLMProvider, PriceTable, RateLimitMetrics, build_provider, open_rate_limiter
+from .llm.budgeted import BudgetedProvider
+from .llm.observe import LLMMetrics, ObservedProvider
 from .logging import configure_logging, get_logger
-from .settings import CommonSettings
+from .settings import CommonSettings, LLMSettings
 from .tracing import build_tracer_provider
 
 Hook = Callable[[], Awaitable[None]]
@@ -53,6 +57,35 @@ class Service:
         service = cls(name, settings, broker, provider, metrics)
         add_health_responder(broker, name, service.ready)
         return service
+
+    async def llm_provider(
+        self, settings: LLMSettings, role: Literal["planner", "executor"], ledger: BudgetLedger
+    ) -> LLMProvider:
+        """The LLM as a service uses it: every call of a task reserved from and settled in
+        its budget ledger, traced and counted, and every HTTP attempt let through by the
+        rate limiter all replicas share (when ``AGENTBUS_LLM_RPM``/``_TPM`` are set).
+        Call it once per service (it registers metrics)."""
+        limiter = await open_rate_limiter(
+            self.broker.config.connection_state.stream,
+            settings,
+            metrics=RateLimitMetrics(self.metrics),
+        )
+        base = build_provider(settings, role, limiter=limiter)
+        observed = ObservedProvider(
+            base, role=role, tracer_provider=self.tracer_provider, metrics=LLMMetrics(self.metrics)
+        )
+        model = (settings.planner_model if role == "planner" else settings.executor_model) or (
+            settings.model
+        )
+        return BudgetedProvider(
+            observed,
+            ledger=ledger,
+            prices=PriceTable.load(settings.prices_file),
+            publish=lambda event: publish_event(self.broker, event),
+            role=role,
+            default_model=model or str(getattr(base, "model", "")),
+            reservation_ttl_s=settings.timeout_s * 4 + 60,
+        )
 
     async def ready(self) -> bool:
         results = [await check() for check in self.readiness]

@@ -76,6 +76,25 @@ class LLMSettings(BaseSettings):
     timeout_s: float = Field(120, gt=0, description="Timeout of one LLM call.")
     max_tokens: int = Field(2048, gt=0, description="Most output tokens per call.")
     prices_file: Path | None = Field(None, description="JSON price table (USD per 1M tokens).")
+    rpm: int | None = Field(
+        None,
+        ge=0,
+        description="Requests per minute to this provider and API key, shared by all "
+        "replicas of all services; unset or 0 = no limit.",
+    )
+    tpm: int | None = Field(
+        None,
+        ge=0,
+        description="Tokens (prompt + output) per minute to this provider and API key, "
+        "shared by all replicas; a call counts its max_tokens until it ends. Unset or "
+        "0 = no limit.",
+    )
+    rate_limit_max_wait_s: float = Field(
+        60,
+        ge=0,
+        description="Longest a call waits for the RPM/TPM limit (or a provider's "
+        "Retry-After) before it fails.",
+    )
 
     @property
     def resolved_provider(self) -> str:

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from typing import Literal
 
+from nats.js import JetStreamContext
+
 from ..settings import LLMSettings
+from ._http import RateGate
 from .anthropic import ANTHROPIC_API_URL, ANTHROPIC_VERSION, AnthropicProvider
 from .base import ChatRequest, ChatResponse, LLMError, LLMProvider, Message, ToolCall, ToolSpec
 from .openai import OpenAIProvider
 from .pricing import Price, PriceTable
+from .ratelimit import (
+    Permit,
+    RateLimitMetrics,
+    RateLimitTimeout,
+    SharedRateLimiter,
+    limiter_scope,
+)
 from .recording import RecordingProvider, build_transcript
 from .replay import ReplayMismatch, ReplayProvider, Transcript
 
@@ -24,15 +34,45 @@ or run the offline demo, which replays a recorded model:
     make demo          (or: agentbus run --replay examples/primes)"""
 
 
-def build_provider(settings: LLMSettings, role: Literal["planner", "executor"]) -> LLMProvider:
-    """The provider for one role; raises LLMError with a how-to when none is configured."""
-    provider = _base_provider(settings, role)
+def build_provider(
+    settings: LLMSettings,
+    role: Literal["planner", "executor"],
+    *,
+    limiter: RateGate | None = None,
+) -> LLMProvider:
+    """The provider for one role; raises LLMError with a how-to when none is configured.
+    Every HTTP call passes ``limiter`` when given (see :func:`open_rate_limiter`); the
+    replay provider makes no calls and ignores it."""
+    provider = _base_provider(settings, role, limiter)
     if settings.record_dir is not None:
         return RecordingProvider(provider, settings.record_dir)
     return provider
 
 
-def _base_provider(settings: LLMSettings, role: Literal["planner", "executor"]) -> LLMProvider:
+async def open_rate_limiter(
+    js: JetStreamContext, settings: LLMSettings, *, metrics: RateLimitMetrics | None = None
+) -> SharedRateLimiter | None:
+    """The rate limiter all replicas share for the configured provider, endpoint and API
+    key (AGENTBUS_LLM_RPM / AGENTBUS_LLM_TPM); None when no limit is set or the provider
+    makes no calls (replay)."""
+    kind = settings.resolved_provider
+    if kind not in ("openai", "anthropic") or not (settings.rpm or settings.tpm):
+        return None
+    base_url = settings.base_url or (ANTHROPIC_API_URL if kind == "anthropic" else "")
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    return await SharedRateLimiter.open(
+        js,
+        scope=limiter_scope(kind, base_url, key),
+        rpm=settings.rpm,
+        tpm=settings.tpm,
+        max_wait_s=settings.rate_limit_max_wait_s,
+        metrics=metrics,
+    )
+
+
+def _base_provider(
+    settings: LLMSettings, role: Literal["planner", "executor"], limiter: RateGate | None
+) -> LLMProvider:
     prices = PriceTable.load(settings.prices_file)
     kind = settings.resolved_provider
     if kind == "replay":
@@ -49,7 +89,12 @@ def _base_provider(settings: LLMSettings, role: Literal["planner", "executor"]) 
                 "the OpenAI-compatible provider needs AGENTBUS_LLM_BASE_URL and AGENTBUS_LLM_MODEL"
             )
         return OpenAIProvider(
-            settings.base_url, api_key=key, model=model, prices=prices, timeout_s=settings.timeout_s
+            settings.base_url,
+            api_key=key,
+            model=model,
+            prices=prices,
+            timeout_s=settings.timeout_s,
+            limiter=limiter,
         )
     if kind == "anthropic":
         # A key is optional only behind a proxy of one's own (a base URL is set).
@@ -64,6 +109,7 @@ def _base_provider(settings: LLMSettings, role: Literal["planner", "executor"]) 
             model=model,
             prices=prices,
             timeout_s=settings.timeout_s,
+            limiter=limiter,
         )
     raise LLMError(NOT_CONFIGURED_HINT)
 
@@ -79,14 +125,21 @@ __all__ = [
     "LLMProvider",
     "Message",
     "OpenAIProvider",
+    "Permit",
     "Price",
     "PriceTable",
+    "RateGate",
+    "RateLimitMetrics",
+    "RateLimitTimeout",
     "RecordingProvider",
     "ReplayMismatch",
     "ReplayProvider",
+    "SharedRateLimiter",
     "ToolCall",
     "ToolSpec",
     "Transcript",
     "build_provider",
     "build_transcript",
+    "limiter_scope",
+    "open_rate_limiter",
 ]

@@ -1,15 +1,18 @@
 """The HTTP transport every provider adapter shares: one httpx client, the retry policy
-(exponential backoff with jitter, honouring Retry-After), and the mapping of HTTP,
-transport and body errors to :class:`LLMError` with actionable hints.
+(exponential backoff with jitter, honouring Retry-After), the mapping of HTTP,
+transport and body errors to :class:`LLMError` with actionable hints, and an optional
+rate gate every attempt passes (the limiter shared by all replicas; a 429's
+Retry-After goes back into it so every replica slows down).
 
 Adapters only translate between our neutral format and their wire format."""
 
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import httpx
 from tenacity import (
@@ -26,6 +29,9 @@ from agentbus.contracts import ModelUsage, utcnow
 from .base import ChatRequest, ChatResponse, LLMError
 from .pricing import PriceTable
 
+if TYPE_CHECKING:
+    from .ratelimit import Permit
+
 T = TypeVar("T")
 
 # 529 is Anthropic's "overloaded"; 408/409 are worth one more try on every provider.
@@ -36,6 +42,34 @@ _HINTS = {
     403: "the API key may not use this model; check AGENTBUS_LLM_API_KEY",
     404: "unknown model or wrong base URL; check AGENTBUS_LLM_MODEL and AGENTBUS_LLM_BASE_URL",
 }
+
+
+# How long every replica holds off after a 429 that gives no Retry-After.
+DEFAULT_THROTTLE_S = 1.0
+
+
+class RateGate(Protocol):
+    """What every HTTP attempt passes when a rate limit is set
+    (:class:`~agentbus.core.llm.ratelimit.SharedRateLimiter`)."""
+
+    async def acquire(self, task_id: str | None, tokens: int) -> Permit:
+        """Wait for room for one call of about ``tokens`` tokens; raises LLMError."""
+        ...
+
+    async def settle(self, permit: Permit, actual_tokens: int) -> None:
+        """Count the call with the tokens it really used."""
+        ...
+
+    async def throttle(self, retry_after_s: float) -> None:
+        """Hold every caller back for ``retry_after_s`` (the provider said 429)."""
+        ...
+
+
+def estimate_tokens(body: Mapping[str, Any], max_tokens: int) -> int:
+    """A rough count of what a call will use, for rate limiting: about four characters
+    a token for what is sent, plus every output token it may get (providers count a
+    call's ``max_tokens`` the same way until it ends)."""
+    return len(json.dumps(body, ensure_ascii=False)) // 4 + max_tokens
 
 
 class RetryAfterError(LLMError):
@@ -100,6 +134,7 @@ class HttpTransport:
         max_attempts: int,
         max_wait_s: float,
         transport: httpx.AsyncBaseTransport | None = None,
+        limiter: RateGate | None = None,
     ) -> None:
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
@@ -110,6 +145,7 @@ class HttpTransport:
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.max_wait_s = max_wait_s
+        self.limiter = limiter
 
     @property
     def base_url(self) -> str:
@@ -119,14 +155,24 @@ class HttpTransport:
         await self._client.aclose()
 
     async def post_json(
-        self, path: str, body: dict[str, Any], read: Callable[[dict[str, Any]], T]
+        self,
+        path: str,
+        body: dict[str, Any],
+        read: Callable[[dict[str, Any]], T],
+        *,
+        task_id: str | None = None,
+        tokens: int = 0,
+        used: Callable[[T], int] | None = None,
     ) -> T:
         """POST ``body`` to ``path`` and return ``read(answer)``.
 
         ``read`` turns the decoded JSON object into the adapter's result; a KeyError,
         IndexError, TypeError or ValueError it raises means the answer is malformed.
         Timeouts, unreachable hosts, 429/5xx and malformed answers are retried with
-        backoff and jitter (Retry-After wins when given); other HTTP errors are not."""
+        backoff and jitter (Retry-After wins when given); other HTTP errors are not.
+
+        With a limiter, every attempt first waits for room for ``tokens`` (an estimate)
+        on behalf of ``task_id``, and is then counted with ``used(result)``."""
         retrying = AsyncRetrying(
             retry=retry_if_exception(lambda e: isinstance(e, LLMError) and e.retryable),
             stop=stop_after_attempt(self.max_attempts),
@@ -137,8 +183,37 @@ class HttpTransport:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._post_once(path, body, read)
+                if self.limiter is None:
+                    return await self._post_once(path, body, read)
+                return await self._post_gated(
+                    self.limiter, path, body, read, task_id=task_id, tokens=tokens, used=used
+                )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _post_gated(
+        self,
+        gate: RateGate,
+        path: str,
+        body: dict[str, Any],
+        read: Callable[[dict[str, Any]], T],
+        *,
+        task_id: str | None,
+        tokens: int,
+        used: Callable[[T], int] | None,
+    ) -> T:
+        permit = await gate.acquire(task_id, tokens)
+        try:
+            result = await self._post_once(path, body, read)
+        except LLMError as exc:
+            if exc.status == 429:
+                # Before the retry policy waits: every replica now waits too.
+                retry_after = exc.retry_after if isinstance(exc, RetryAfterError) else None
+                await gate.throttle(DEFAULT_THROTTLE_S if retry_after is None else retry_after)
+            if exc.status is not None:
+                await gate.settle(permit, 0)  # refused with an HTTP error: nothing generated
+            raise
+        await gate.settle(permit, used(result) if used is not None else tokens)
+        return result
 
     async def _post_once(
         self, path: str, body: dict[str, Any], read: Callable[[dict[str, Any]], T]
@@ -163,6 +238,10 @@ class HttpTransport:
             raise LLMError(
                 f"LLM answered with malformed JSON: {resp.text[:300]!r}", retryable=True
             ) from exc
+
+
+def _billed_tokens(response: ChatResponse) -> int:
+    return response.usage.prompt_tokens + response.usage.completion_tokens
 
 
 def _json_object(data: Any) -> dict[str, Any]:
@@ -190,6 +269,7 @@ class HttpProvider(abc.ABC):
         max_attempts: int = 4,
         max_wait_s: float = 30,
         transport: httpx.AsyncBaseTransport | None = None,
+        limiter: RateGate | None = None,
     ) -> None:
         self._http = HttpTransport(
             self._root(base_url),
@@ -198,6 +278,7 @@ class HttpProvider(abc.ABC):
             max_attempts=max_attempts,
             max_wait_s=max_wait_s,
             transport=transport,
+            limiter=limiter,
         )
         self.model = model
         self.prices = prices
@@ -210,8 +291,15 @@ class HttpProvider(abc.ABC):
         await self._http.aclose()
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
+        body = self._body(request)
+        gated = self._http.limiter is not None
         return await self._http.post_json(
-            self.path, self._body(request), lambda data: self._read(request, data)
+            self.path,
+            body,
+            lambda data: self._read(request, data),
+            task_id=request.task_id,
+            tokens=estimate_tokens(body, request.max_tokens) if gated else 0,
+            used=_billed_tokens,
         )
 
     def _root(self, base_url: str) -> str:

@@ -47,6 +47,7 @@ class ChatRequest(BaseModel):
     json_output: bool = False
     conversation: str = ""
     task_id: str | None = None
+    step_id: str | None = None
 
 
 class ChatResponse(BaseModel):
@@ -63,6 +64,15 @@ class LLMError(Exception):
         super().__init__(message)
         self.retryable = retryable
         self.status = status
+
+
+class BudgetRefused(LLMError):
+    """The call was not made: the task's budget could be crossed (the task pauses for
+    approval or fails), or the task has ended (``closed``: cancelled or finished)."""
+
+    def __init__(self, message: str, *, closed: bool = False) -> None:
+        super().__init__(message, retryable=False)
+        self.closed = closed
 
 
 @runtime_checkable

@@ -102,6 +102,7 @@ class ReplayProvider:
     def __init__(self, transcripts: Transcript | list[Transcript], prices: PriceTable) -> None:
         self.transcripts = transcripts if isinstance(transcripts, list) else [transcripts]
         self.prices = prices
+        self.model = self.transcripts[0].model if self.transcripts else "replay"
 
     @classmethod
     def from_file(cls, path: Path, prices: PriceTable) -> ReplayProvider:
