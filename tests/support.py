@@ -17,6 +17,8 @@ from nats.js.api import DeliverPolicy
 from agentbus.cli import client
 from agentbus.cli.stack import EmbeddedStack
 from agentbus.contracts import Budget, Event, TaskSubmitted, new_id, subjects
+from agentbus.sandbox import Settings as SandboxSettings
+from agentbus.sandbox.adapters.docker import DockerSandbox
 
 T = TypeVar("T")
 
@@ -85,3 +87,20 @@ async def replay_stack(
         database_url=database_url,
     ) as running:
         yield running
+
+
+@contextlib.asynccontextmanager
+async def sandbox_on_own_root(
+    settings: SandboxSettings, root: Path, **update: Any
+) -> AsyncIterator[DockerSandbox]:
+    """A started DockerSandbox (pool and reaper running) on a workspace root of its own,
+    so its reaper sees nothing of the module's sandbox service; closed afterwards."""
+    root.mkdir()
+    root.chmod(0o755)
+    config = settings.model_copy(update={"workspace_root": root, **update}).sandbox_config()
+    sandbox = await DockerSandbox.open(config)
+    sandbox.start()
+    try:
+        yield sandbox
+    finally:
+        await sandbox.close()

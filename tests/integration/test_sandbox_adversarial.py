@@ -36,10 +36,10 @@ from agentbus.contracts import (
 )
 from agentbus.core.settings import BusSettings
 from agentbus.sandbox import Settings, create_app
-from agentbus.sandbox.adapters.docker import DockerSandbox
 from agentbus.sandbox.adapters.workspace import disk_usage
 from tests.integration import test_sandbox_service as base
 from tests.integration.test_sandbox_service import call, run, task_containers
+from tests.support import sandbox_on_own_root
 
 pytestmark = pytest.mark.integration
 
@@ -305,6 +305,7 @@ async def test_filling_the_workspace_is_stopped(client: NatsBroker, workspace_ro
     filled = await run(client, task, fill, timeout_s=60)
     assert filled.outcome is ExecOutcome.ERROR
     assert f"past its {WORKSPACE_CAP_MB} MB cap" in filled.stderr
+    assert filled.cpu_seconds > 0  # read just before its container was replaced
     used = disk_usage(workspace_root / task)
     assert used < cap + 512 * MB  # stopped within one look (0.1 s) of passing the cap
     refused = await write(client, task, "more.txt", "x" * 1000)
@@ -365,25 +366,20 @@ async def test_a_container_left_running_after_its_task_is_reaped(
     """A task that ends without its end event reaching us (or a crashed replica) must
     not leave its container running: the idle reaper removes it."""
     root = tmp_path / "reaper"
-    root.mkdir()
-    root.chmod(0o755)
-    config = settings.model_copy(
-        update={"workspace_root": root, "pool_size": 0, "idle_ttl_s": 1, "reap_interval_s": 0.2}
-    ).sandbox_config()
-    # A dead replica's pool container: started, never claimed, nobody to remove it.
-    orphan = await docker.containers.create(
-        {
-            "Image": base.IMAGE,
-            "Cmd": ["sleep", "infinity"],
-            "Labels": {"agentbus.role": "sandbox", base.LABEL_ROOT: str(root)},
-            "HostConfig": {"NetworkMode": "none"},
-        },
-        name=f"agentbus-pool-{uuid.uuid4().hex[:16]}",
-    )
-    await orphan.start()
-    sandbox = await DockerSandbox.open(config)
-    sandbox.start()
-    try:
+    async with sandbox_on_own_root(
+        settings, root, pool_size=0, idle_ttl_s=1, reap_interval_s=0.2
+    ) as sandbox:
+        # A dead replica's pool container: started, never claimed, nobody to remove it.
+        orphan = await docker.containers.create(
+            {
+                "Image": base.IMAGE,
+                "Cmd": ["sleep", "infinity"],
+                "Labels": {"agentbus.role": "sandbox", base.LABEL_ROOT: str(root)},
+                "HostConfig": {"NetworkMode": "none"},
+            },
+            name=f"agentbus-pool-{uuid.uuid4().hex[:16]}",
+        )
+        await orphan.start()
         task = new_id("tsk")
         busy = asyncio.create_task(
             sandbox.run_code(
@@ -405,8 +401,6 @@ async def test_a_container_left_running_after_its_task_is_reaped(
             await asyncio.sleep(0.2)
         assert (root / task).is_dir()  # the workspace stays for the user
         assert not await base.exists(docker, orphan.id)
-    finally:
-        await sandbox.close()
     await assert_healthy(client)
 
 

@@ -41,7 +41,10 @@ from agentbus.contracts import (
 from agentbus.core.bus import publish_event, rpc
 from agentbus.core.settings import BusSettings
 from agentbus.sandbox import Settings, create_app
+from agentbus.sandbox.adapters import cgroup
+from agentbus.sandbox.adapters.docker import DockerSandbox
 from agentbus.sandbox.domain import SandboxUnavailable
+from tests.support import sandbox_on_own_root
 
 pytestmark = pytest.mark.integration
 
@@ -212,6 +215,62 @@ async def test_time_limits_above_the_maximum_are_lowered_and_said_so(
     reply = await run(client, new_id("tsk"), "print(1)", timeout_s=3000)
     assert reply.outcome is ExecOutcome.OK
     assert "lowered from 3000s to the maximum of 600s" in reply.stderr
+
+
+# --- CPU time -----------------------------------------------------------------------------
+
+BUSY_1S = "import time\nwhile time.process_time() < 1: pass"  # 1 s of CPU, however slow
+
+
+async def test_a_run_reports_the_cpu_seconds_it_used(client: NatsBroker) -> None:
+    task = new_id("tsk")
+    busy = await run(client, task, BUSY_1S)
+    assert busy.outcome is ExecOutcome.OK
+    assert 0.7 <= busy.cpu_seconds <= 1.5, busy
+    sleeping = await run(client, task, "sleep 1", language=Language.BASH)
+    assert sleeping.outcome is ExecOutcome.OK
+    assert sleeping.cpu_seconds < 0.2, sleeping
+    # Work done in child processes is the run's, too.
+    forked = await run(
+        client, task, f"import subprocess; subprocess.run(['python3', '-c', {BUSY_1S!r}])"
+    )
+    assert 0.7 <= forked.cpu_seconds <= 1.5, forked
+
+
+async def test_a_run_killed_at_its_limit_reports_the_cpu_it_used(client: NatsBroker) -> None:
+    reply = await run(client, new_id("tsk"), "while True: pass", timeout_s=2)
+    assert reply.outcome is ExecOutcome.TIMEOUT
+    assert reply.cpu_seconds > 0.5, reply
+
+
+async def test_cpu_seconds_are_measured_without_sight_of_the_host_cgroups(
+    settings: Settings, docker: aiodocker.Docker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service that cannot see the engine's cgroups (it runs in a container of its
+    own) reads the counter from inside the sandbox instead."""
+    looked: list[str] = []
+
+    def not_visible(container_id: str, pid: int) -> None:
+        looked.append(container_id)
+
+    monkeypatch.setattr(cgroup, "locate", not_visible)
+    sandbox = await DockerSandbox.open(
+        settings.model_copy(update={"pool_size": 0}).sandbox_config()
+    )
+    task = new_id("tsk")
+    try:
+        busy = await sandbox.run_code(
+            task, language=Language.PYTHON, code=BUSY_1S, timeout_s=20, env={}, stdin=None
+        )
+        sleeping = await sandbox.run_code(
+            task, language=Language.BASH, code="sleep 1", timeout_s=20, env={}, stdin=None
+        )
+    finally:
+        await sandbox.destroy(task)
+        await sandbox.close()
+    assert looked  # the host was asked, and could not tell
+    assert 0.7 <= busy.cpu_seconds <= 1.5, busy
+    assert sleeping.cpu_seconds < 0.2, sleeping
 
 
 # --- files --------------------------------------------------------------------------------
@@ -432,3 +491,94 @@ async def test_first_calls_take_pool_containers_never_shared(
     while not await pool():
         assert time.monotonic() < deadline, "the pool was not refilled"
         await asyncio.sleep(0.1)
+
+
+async def test_the_reaper_spares_a_pool_container_claimed_while_it_lists(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The engine lists a pool container under its pool name; if this replica claims it
+    before the reaper looks at the list, the reaper must still know it for its own and
+    not remove it as a dead replica's leftover (it did, mid-exec, once in CI)."""
+    task = new_id("tsk")
+    listing = aiodocker.containers.DockerContainers.list
+    claim_during_list = True
+    async with sandbox_on_own_root(
+        settings, tmp_path / "claimed", pool_size=1, idle_ttl_s=1, reap_interval_s=3600
+    ) as sandbox:
+
+        async def list_then_claim(self: Any, **kwargs: Any) -> Any:
+            nonlocal claim_during_list
+            found = await listing(self, **kwargs)
+            if claim_during_list:
+                claim_during_list = False
+                await sandbox.write_file(task, "claimed.txt", "mine\n")
+            return found
+
+        try:
+            await sandbox.wait_pool_full()
+            await asyncio.sleep(1.2)  # the pool container is older than the idle TTL
+            monkeypatch.setattr(aiodocker.containers.DockerContainers, "list", list_then_claim)
+            assert await sandbox.reap_idle() == 0
+            assert not claim_during_list  # the claim did happen between list and look
+            monkeypatch.undo()
+            read = await sandbox.read_file(task, "claimed.txt", 100)
+            assert read.content == "mine\n"
+        finally:
+            monkeypatch.undo()
+            await sandbox.destroy(task)
+
+
+# --- pause and resume ---------------------------------------------------------------------
+
+
+async def test_a_task_resumed_after_its_container_was_reaped_finds_its_files(
+    settings: Settings, docker: aiodocker.Docker, tmp_path: Path
+) -> None:
+    """A task paused for budget approval (up to an hour) outlives the idle TTL: the
+    reaper removes its container, and the next call gets a new container on the same
+    workspace, not an empty one from the warm pool."""
+    task = new_id("tsk")
+    async with sandbox_on_own_root(
+        settings, tmp_path / "paused", pool_size=1, idle_ttl_s=1, reap_interval_s=0.2
+    ) as sandbox:
+        try:
+            await sandbox.wait_pool_full()
+            await sandbox.write_file(task, "notes/plan.md", "step 1 done\n")
+            made = await sandbox.run_code(
+                task,
+                language=Language.PYTHON,
+                code="open('data.csv', 'w').write('a,b\\n1,2\\n')",
+                timeout_s=20,
+                env={},
+                stdin=None,
+            )
+            assert made.outcome is ExecOutcome.OK, made
+            (first,) = await task_containers(docker, task)
+
+            deadline = time.monotonic() + 15  # paused: no calls while the reaper runs
+            while await task_containers(docker, task):
+                assert time.monotonic() < deadline, "the idle container was never reaped"
+                await asyncio.sleep(0.2)
+            await sandbox.wait_pool_full()  # an empty warm container waits, too
+
+            resumed = await sandbox.run_code(
+                task,
+                language=Language.BASH,
+                code="cat data.csv notes/plan.md",
+                timeout_s=20,
+                env={},
+                stdin=None,
+            )
+            assert resumed.outcome is ExecOutcome.OK, resumed
+            assert resumed.stdout == "a,b\n1,2\nstep 1 done\n"
+            (second,) = await task_containers(docker, task)
+            assert second.id != first.id  # a new container...
+            listed = await sandbox.list_files(task)  # ...on the same files
+            assert [(f.path, f.size) for f in listed.files] == [
+                ("data.csv", 8),
+                ("notes/plan.md", 12),
+            ]
+            read = await sandbox.read_file(task, "notes/plan.md", 1000)
+            assert read.content == "step 1 done\n"
+        finally:
+            await sandbox.destroy(task)

@@ -53,6 +53,7 @@ BASE_ENV: Mapping[str, str] = {
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _OOM_KILL = re.compile(rb"^oom_kill (\d+)$", re.MULTILINE)
+_USAGE_USEC = re.compile(r"^usage_usec (\d+)$", re.MULTILINE)
 
 
 class SandboxError(Exception):
@@ -333,6 +334,30 @@ def parse_oom_kills(output: bytes) -> int | None:
     """The ``oom_kill`` count from memory.events / memory.oom_control, if present."""
     match = _OOM_KILL.search(output)
     return int(match.group(1)) if match else None
+
+
+CPU_USAGE_ARGV = [
+    "sh",
+    "-c",
+    'p=$(sed -n "s/^0:://p" /proc/self/cgroup); '
+    'cat "/sys/fs/cgroup${p%/}/cpu.stat" 2>/dev/null || cat /sys/fs/cgroup/cpuacct/cpuacct.usage',
+]
+"""Reads the container cgroup's CPU counter from inside (cgroup v2, else v1): what the
+adapter falls back to when the host's cgroups are out of its sight. The v2 path comes
+from /proc/self/cgroup: ``/`` under a private cgroup namespace, the full path under
+the host's."""
+
+
+def parse_cpu_usage(output: bytes | str) -> int:
+    """CPU time in microseconds from cgroup v2 ``cpu.stat`` (``usage_usec``) or v1
+    ``cpuacct.usage`` (a bare count of nanoseconds); raises ValueError otherwise."""
+    text = output.decode("ascii", "replace") if isinstance(output, bytes) else output
+    match = _USAGE_USEC.search(text)
+    if match:
+        return int(match.group(1))
+    if text.strip().isdigit():
+        return int(text) // 1000
+    raise ValueError(f"not a cgroup CPU counter: {text[:80]!r}")
 
 
 def parse_read_output(output: bytes) -> tuple[int, bytes]:

@@ -1,54 +1,33 @@
-"""The Docker engine: the only module that imports aiodocker.
+"""The Docker engine: the sandbox service's one entry to it (:class:`DockerSandbox`).
 
-One container per task, found by the label ``agentbus.task_id=<id>`` so every
-replica on the same engine finds the same container; created on first use, reused
-by every step, removed when the task ends. Agent code and every file operation run
-inside it through ``docker exec`` as uid 65534; nothing agent-controlled is ever
-opened on the host side (see :mod:`agentbus.sandbox.domain`).
+One container per task, found by its engine-wide unique name
+``agentbus-sbx-<task_id>`` so every replica on the same engine finds the same
+container; created on first use (or claimed from the warm pool), reused by every
+step, removed when the task ends. Agent code and every file operation run inside it
+through ``docker exec`` as uid 65534; nothing agent-controlled is ever opened on the
+host side (see :mod:`agentbus.sandbox.domain`).
 
-Container hardening (each line is a wall the code inside has to get through):
+The parts, each in its own module:
 
-* ``NetworkMode: none``: a loopback interface only, no route anywhere;
-* ``User 65534:65534``, ``CapDrop: ALL``, ``no-new-privileges``: no root, no
-  capabilities, no setuid escalation;
-* ``ReadonlyRootfs`` with a small ``nosuid,nodev`` tmpfs on /tmp: only /workspace
-  (the task's own bind mount) and /tmp are writable;
-* ``Memory`` = ``MemorySwap`` (no swap), ``NanoCpus``, ``PidsLimit``, a ``nofile``
-  ulimit: a fork bomb or a memory hog hurts only its own container;
-* ``Init``: docker-init is PID 1 and reaps what killed runs leave behind;
-* every run sits under ``timeout -s KILL`` inside the container, in a wrapper that
-  kills whatever the run left running (``domain.RUN_SCRIPT``), plus an outer
-  asyncio deadline here; if that safety net ever fires, the container is removed
-  (it is recreated on the next call; the workspace files stay on the host);
-* ``fsize`` ulimit = the workspace cap (no single file can pass it), and a guard
-  that polls the workspace's disk usage while code runs and stops a run that grows
-  it past ``workspace_max_mb`` (the container is replaced; files are kept).
+* :mod:`._containers`: connecting (engine and image check), the hardened container
+  config, names and labels, workspace directories;
+* :mod:`._exec`: one command through ``docker exec`` under a deadline, with capped
+  output; engine errors as SandboxError / SandboxUnavailable;
+* :mod:`._box`: a task's container as this replica knows it, and its waiting exec
+  (the loader that saves a run the exec start);
+* :mod:`._pool`: the warm pool of started containers, claimed by rename;
+* :mod:`._guard`: the workspace guard that stops a run filling the disk;
+* :mod:`._cpu` and :mod:`.cgroup`: CPU time of a run, the container cgroup's
+  counter read before and after it (on the host, or inside the container when the
+  host's cgroups are out of sight).
 
-Warm pool: each replica keeps ``pool_size`` started containers named
-``agentbus-pool-<hex>`` in memory, each bind-mounting its own empty host directory
-``<root>/.pool/<name>``. A task's first call claims one by *renaming* the container
-to ``agentbus-sbx-<task_id>``: container names are unique engine-wide and a rename is
-atomic, so the name is the lock that makes every replica agree on one container per
-task and no container ever serves two tasks (labels cannot be changed after create,
-so tasks are found by name, not label). The claimer then renames the pool directory
-to ``<root>/<task_id>``: a bind mount follows the directory, not its path, so the
-running container now writes straight into the task's workspace, which outlives the
-container for the user. A background task refills the pool; ``close`` cancels it and
-removes the unclaimed containers.
-
-Waiting exec: starting a ``docker exec`` (runc) is most of a warm run's latency, so
-each task's container (pool ones too) keeps one exec of ``domain.READY_ARGV`` started
-and waiting on stdin; a run writes its command line to it and it execs exactly what a
-fresh exec would have run, under the same wrapper. The next one is started after the
-run, in the background (``_Box.refill``, cancelled and awaited when the box is
-forgotten). It runs as the sandbox user, so code of the same task can kill it (the
-liveness check then falls back to a fresh exec) but gains nothing it does not have.
-
-Idle reaper: every op touches ``<root>/.activity/<task_id>``; a background task
-removes task containers (of any replica on this root) unused for ``idle_ttl_s`` that
-have no exec running. The workspace stays; the next call gets a fresh container.
-It also removes other replicas' pool containers left unclaimed for a whole TTL (a
-replica that died without cleaning up).
+Idle reaper (here): every op touches ``<root>/.activity/<task_id>``; a background
+task removes task containers (of any replica on this root) unused for
+``idle_ttl_s`` that have no exec running. The workspace stays; the next call gets a
+fresh container on it (never a warm-pool one: a claim is refused while the task's
+workspace exists), so a task paused for longer keeps its files, though not /tmp
+or background processes. It also removes other replicas' pool containers left
+unclaimed for a whole TTL (a replica that died without cleaning up).
 """
 
 from __future__ import annotations
@@ -56,11 +35,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import os
 import time
-import uuid
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,105 +56,22 @@ from agentbus.contracts import (
 )
 
 from .. import domain
-from ..domain import (
-    EXIT_KILLED,
-    SANDBOX_GID,
-    SANDBOX_UID,
-    SANDBOX_USER,
-    WORKSPACE,
-    OutputCap,
-    SandboxConfig,
-    SandboxError,
-    SandboxUnavailable,
-)
-from . import workspace
+from ..domain import EXIT_KILLED, WORKSPACE, SandboxConfig, SandboxError
+from . import _containers, workspace
+from ._box import Box, prefetch, release, take_ready
+from ._containers import ACTIVITY_DIR, LABEL_TASK, NAME_PREFIX, POOL_DIR, POOL_PREFIX
+from ._cpu import CpuMeter
+from ._exec import Run, collect, docker_errors, exec_running, oom_kills, start_exec
+from ._guard import guarded
+from ._pool import PoolEntry, WarmPool, remove_stale_dirs
+from ._pool import discard as discard_pool_entry
+
+__all__ = ["DockerSandbox"]
 
 log = structlog.get_logger(__name__)
 
-LABEL_ROLE = "agentbus.role"
-ROLE = "sandbox"
-LABEL_TASK = "agentbus.task_id"
-LABEL_ROOT = "agentbus.workspace_root"
-LABEL_POOL = "agentbus.pool"
-NAME_PREFIX = "agentbus-sbx-"
-POOL_PREFIX = "agentbus-pool-"
-POOL_DIR = ".pool"  # task ids cannot start with "." (subjects.check_token)
-ACTIVITY_DIR = ".activity"
-
-_STREAM_STDOUT = 1  # 2 is stderr
 _CREATE_ATTEMPTS = 4
-_FEED_POLL_S = 0.2
 _REPLY_JSON_BUDGET = 768 * 1024  # leaves room under NATS's default 1 MB max_payload
-_STALE_POOL_DIR_S = 600  # an empty pool directory this old with no container is a leftover
-
-
-@dataclass
-class _Ready:
-    """A started exec of ``domain.READY_ARGV`` waiting on stdin for its run."""
-
-    execution: Any
-    stream: Any
-
-
-@dataclass
-class _Box:
-    """A task's container as this replica knows it."""
-
-    container: Any  # aiodocker.containers.DockerContainer
-    oom_kills: int | None  # the cgroup's oom_kill counter when last looked at
-    ready: _Ready | None = None
-    refill: asyncio.Task[None] | None = None  # starting the next ready exec
-
-
-@dataclass
-class _PoolEntry:
-    container: Any
-    name: str
-    workspace: Path
-    box: _Box | None = None  # with its waiting exec, started while in the pool
-
-
-@dataclass
-class _Run:
-    exit_code: int | None
-    stdout: OutputCap
-    stderr: OutputCap
-    duration_s: float
-    safety_net_fired: bool
-
-
-@contextlib.contextmanager
-def _docker_errors(what: str) -> Iterator[None]:
-    """Turn engine errors into SandboxError / SandboxUnavailable with a clear reason."""
-    try:
-        yield
-    except SandboxError:
-        raise
-    except aiodocker.DockerError as exc:
-        raise SandboxError(
-            f"{what} failed: Docker engine said ({exc.status}) {exc.message}"
-        ) from exc
-    except (aiohttp.ClientConnectionError, OSError) as exc:
-        raise SandboxUnavailable(f"{what} failed: cannot reach the Docker engine: {exc}") from exc
-    except TimeoutError as exc:
-        raise SandboxUnavailable(
-            f"{what} failed: the Docker engine did not answer in time"
-        ) from exc
-
-
-def _stdin_transport(stream: Any) -> Any:
-    """The hijacked connection's transport, to half-close the exec's stdin.
-
-    aiodocker's ``Stream.close()`` closes both directions, so to send EOF to the
-    process while still reading its output we ``write_eof()`` on the transport
-    ourselves (checked against aiodocker 0.27; fails loudly if that ever changes).
-    """
-    response = getattr(stream, "_resp", None)
-    connection = getattr(response, "connection", None)
-    transport = getattr(connection, "transport", None)
-    if transport is None or not transport.can_write_eof():
-        raise SandboxError("cannot send stdin to the sandbox with this aiodocker version")
-    return transport
 
 
 class DockerSandbox:
@@ -188,12 +81,11 @@ class DockerSandbox:
         self._docker = docker
         self.config = config
         self._root = str(config.workspace_root.resolve())
-        self._boxes: dict[str, _Box] = {}
+        self._boxes: dict[str, Box] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._active: collections.Counter[str] = collections.Counter()
-        self._pool: collections.deque[_PoolEntry] = collections.deque()
-        self._pool_wanted = asyncio.Event()
-        self._pool_full = asyncio.Event()
+        self._cpu = CpuMeter()
+        self._pool = WarmPool(docker, config, self._root, self._cpu)
         self._background: list[asyncio.Task[None]] = []
 
     # --- life cycle ------------------------------------------------------------------
@@ -204,37 +96,7 @@ class DockerSandbox:
 
         Raises SandboxUnavailable with what to do: there is no unsandboxed fallback.
         """
-        hint = "run `make setup` (or `make sandbox-image` once Docker is running)"
-        try:
-            docker = aiodocker.Docker(
-                url=docker_url, timeout=aiohttp.ClientTimeout(total=120, connect=10)
-            )
-        except (AssertionError, ValueError, OSError) as exc:  # no socket found, bad URL
-            raise SandboxUnavailable(f"no Docker engine found ({exc!r}); {hint}") from exc
-        sandbox = cls(docker, config)
-        where = docker_url or os.environ.get("DOCKER_HOST") or "the local Docker socket"
-        try:
-            try:
-                async with asyncio.timeout(15):
-                    await docker.version()
-            except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise SandboxUnavailable(
-                    f"the Docker engine ({where}) does not answer ({exc}); {hint}"
-                ) from exc
-            try:
-                await docker.images.inspect(config.image)
-            except aiodocker.DockerError as exc:
-                if exc.status != 404:
-                    raise SandboxUnavailable(f"cannot inspect image {config.image}: {exc}") from exc
-                raise SandboxUnavailable(
-                    f"the sandbox image {config.image} is not on the Docker engine ({where}); "
-                    "build it with `make sandbox-image` (part of "
-                    "`make setup`). agentbus never runs agent code outside a container."
-                ) from exc
-        except BaseException:
-            await docker.close()
-            raise
-        return sandbox
+        return cls(await _containers.connect(config, docker_url), config)
 
     def start(self) -> None:
         """Start the pool refill and the idle reaper (after :meth:`reap`, which would
@@ -242,7 +104,7 @@ class DockerSandbox:
         if self._background:
             return
         if self.config.pool_size > 0:
-            self._background.append(asyncio.create_task(self._refill(), name="sandbox-pool"))
+            self._background.append(asyncio.create_task(self._pool.refill(), name="sandbox-pool"))
         if self.config.idle_ttl_s > 0:
             self._background.append(asyncio.create_task(self._reap_idle(), name="sandbox-reaper"))
 
@@ -254,9 +116,7 @@ class DockerSandbox:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        pool = list(self._pool)
-        self._pool.clear()
-        await asyncio.gather(*(self._discard_pool_entry(entry) for entry in pool))
+        await self._pool.close()
         await self._docker.close()
 
     @property
@@ -266,8 +126,7 @@ class DockerSandbox:
 
     async def wait_pool_full(self, timeout: float = 30) -> None:
         """Wait until the pool holds ``pool_size`` containers (tests, benchmarks)."""
-        async with asyncio.timeout(timeout):
-            await self._pool_full.wait()
+        await self._pool.wait_full(timeout)
 
     async def ping(self) -> bool:
         """Readiness: the engine answers within 5 s."""
@@ -284,9 +143,9 @@ class DockerSandbox:
         With ``include_running`` False only stopped ones go: running ones may belong to
         another live replica sharing this engine. Returns how many were removed.
         """
-        filters = {"label": [f"{LABEL_ROLE}={ROLE}", f"{LABEL_ROOT}={self._root}"]}
+        filters = _containers.root_filters(self._root)
         removed = 0
-        with _docker_errors("listing leftover sandboxes"):
+        with docker_errors("listing leftover sandboxes"):
             containers = await self._docker.containers.list(all=True, filters=filters)
         for container in containers:
             if not include_running and container["State"] == "running":
@@ -294,71 +153,16 @@ class DockerSandbox:
             with contextlib.suppress(aiodocker.DockerError):
                 await container.delete(force=True)
                 removed += 1
-        with _docker_errors("listing pool containers"):
+        with docker_errors("listing pool containers"):
             alive = {
                 name.lstrip("/")
                 for c in await self._docker.containers.list(all=True, filters=filters)
                 for name in c["Names"]
             }
-        await asyncio.to_thread(self._remove_pool_dirs, alive)
+        await asyncio.to_thread(remove_stale_dirs, self._root, alive)
         return removed
 
-    def _remove_pool_dirs(self, keep: set[str]) -> None:
-        """Remove empty pool directories whose container is gone (nothing ever ran in a
-        pool container, so a non-empty one is left alone: rmdir refuses it). Recent ones
-        stay: another replica may be creating that directory's container right now."""
-        pool_root = Path(self._root) / POOL_DIR
-        old = time.time() - _STALE_POOL_DIR_S
-        with contextlib.suppress(FileNotFoundError):
-            for entry in pool_root.iterdir():
-                with contextlib.suppress(OSError):
-                    if entry.name not in keep and entry.lstat().st_mtime < old:
-                        entry.rmdir()
-
-    # --- containers ------------------------------------------------------------------
-
-    def _container_config(self, labels: Mapping[str, str], source: Path) -> dict[str, Any]:
-        """The hardened container, bind-mounting ``source`` at /workspace."""
-        cfg = self.config
-        memory = cfg.memory_mb * 1024 * 1024
-        fsize = cfg.workspace_max_bytes
-        return {
-            "Image": cfg.image,
-            "Cmd": ["sleep", "infinity"],
-            "User": SANDBOX_USER,
-            "WorkingDir": WORKSPACE,
-            "Env": [f"{k}={v}" for k, v in domain.BASE_ENV.items()],
-            "Labels": {LABEL_ROLE: ROLE, LABEL_ROOT: self._root, **labels},
-            "NetworkDisabled": True,
-            "HostConfig": {
-                # docker-init (tini) as PID 1 reaps the orphans a kill at the time limit
-                # leaves; under a bare `sleep` they stay zombies and eat the pids limit.
-                "Init": True,
-                "NetworkMode": "none",
-                "Memory": memory,
-                "MemorySwap": memory,  # equal to Memory: no swap
-                "NanoCpus": int(cfg.cpus * 1e9),
-                "PidsLimit": cfg.pids_limit,
-                "ReadonlyRootfs": True,
-                "Tmpfs": {domain.SANDBOX_TMP: f"rw,nosuid,nodev,size={cfg.tmp_size_mb}m"},
-                "SecurityOpt": ["no-new-privileges:true"],
-                "CapDrop": ["ALL"],
-                "Ulimits": [
-                    {"Name": "nofile", "Soft": cfg.nofile, "Hard": cfg.nofile},
-                    # no single file (workspace or /tmp) may pass the workspace cap
-                    {"Name": "fsize", "Soft": fsize, "Hard": fsize},
-                ],
-                "Mounts": [
-                    {
-                        "Type": "bind",
-                        "Source": str(source),
-                        "Target": WORKSPACE,
-                        "ReadOnly": False,
-                    }
-                ],
-                "RestartPolicy": {"Name": "no"},
-            },
-        }
+    # --- boxes -------------------------------------------------------------------------
 
     def _workspace_dir(self, task_id: str) -> Path:
         return Path(self._root) / subjects.check_token(task_id)
@@ -366,170 +170,50 @@ class DockerSandbox:
     def _activity_marker(self, task_id: str) -> Path:
         return Path(self._root) / ACTIVITY_DIR / task_id
 
-    def _prepare_workspace(self, path: Path) -> None:
-        """Create a host workspace directory, owned by the sandbox user.
-
-        Only the directory itself is touched here (it was just created or already
-        belongs to this task); its contents are never opened from the host.
-        """
-        path.mkdir(parents=True, exist_ok=True)
-        try:
-            os.chown(path, SANDBOX_UID, SANDBOX_GID)
-        except PermissionError:
-            path.chmod(0o777)
-            log.warning(
-                "cannot chown the workspace to the sandbox user (not root?); made it "
-                "world-writable instead",
-                path=str(path),
-            )
-
-    async def _find(self, task_id: str) -> list[Any]:
-        """The task's container, by its engine-wide unique name (pool containers carry
-        no task label: they get their task by rename)."""
-        name = f"^/{NAME_PREFIX}{subjects.check_token(task_id)}$"
-        filters = {"label": [f"{LABEL_ROLE}={ROLE}"], "name": [name]}
-        containers: list[Any] = await self._docker.containers.list(all=True, filters=filters)
-        return containers
-
-    async def _oom_kills(self, container: Any) -> int | None:
-        """The container cgroup's OOM-kill counter; None if it cannot be read."""
-        try:
-            execution = await self._start_exec(container, domain.OOM_COUNTER_ARGV)
-            run = await self._collect(execution, deadline_s=10, cap=4096)
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError, SandboxError):
-            return None
-        return domain.parse_oom_kills(run.stdout.data)
-
-    # --- warm pool ---------------------------------------------------------------------
-
-    async def _create_pool_entry(self) -> _PoolEntry:
-        name = f"{POOL_PREFIX}{uuid.uuid4().hex[:16]}"
-        source = Path(self._root) / POOL_DIR / name
-        await asyncio.to_thread(self._prepare_workspace, source)
-        try:
-            with _docker_errors("starting a pool sandbox"):
-                container = await self._docker.containers.create(
-                    self._container_config({LABEL_POOL: "1"}, source), name=name
-                )
-                try:
-                    await container.start()
-                except aiodocker.DockerError:
-                    with contextlib.suppress(aiodocker.DockerError):
-                        await container.delete(force=True)
-                    raise
-        except BaseException:
-            with contextlib.suppress(OSError):
-                source.rmdir()
-            raise
-        box = _Box(container, 0)
-        await self._make_ready(box)  # the first run after a claim skips the exec start, too
-        return _PoolEntry(container, name, source, box)
-
-    async def _discard_pool_entry(self, entry: _PoolEntry) -> None:
-        await self._release(entry.box)
-        with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError):
-            await entry.container.delete(force=True)
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(entry.workspace.rmdir)
-
-    async def _refill(self) -> None:
-        """Keep ``pool_size`` started containers ready; back off while the engine fails."""
-        failures = 0
-        while True:
-            self._pool_wanted.clear()
-            if len(self._pool) < self.config.pool_size and self._background:
-                # Let the claimer's first exec go first: creating a container competes
-                # with it for the engine (and, on small hosts, for the CPU).
-                await asyncio.sleep(self.config.refill_delay_s)
-            while len(self._pool) < self.config.pool_size:
-                try:
-                    entry = await self._create_pool_entry()
-                except SandboxError as exc:
-                    failures += 1
-                    delay = min(30.0, 0.5 * 2**failures)
-                    log.warning("pool refill failed", error=str(exc), retry_in_s=delay)
-                    await asyncio.sleep(delay)
-                    continue
-                failures = 0
-                self._pool.append(entry)
-            self._pool_full.set()
-            await self._pool_wanted.wait()
-
-    async def _claim(self, task_id: str) -> _Box | None:
-        """Give the task a pool container, or None (pool empty, or the task has a
-        container already, or its workspace exists from an earlier container)."""
-        target = self._workspace_dir(task_id)
-        if not self._pool or await asyncio.to_thread(target.exists):
-            return None  # empty pool, or an earlier container's workspace: mount it (cold)
-        while self._pool:  # no await between this check and the pop
-            entry = self._pool.popleft()
-            self._pool_full.clear()
-            self._pool_wanted.set()
-            try:
-                await entry.container.rename(f"{NAME_PREFIX}{task_id}")
-            except aiodocker.DockerError as exc:
-                if exc.status == 409:  # the task already has a container: keep ours
-                    self._pool.appendleft(entry)
-                    return None
-                await self._discard_pool_entry(entry)  # gone or broken: try the next
-                continue
-            try:
-                await asyncio.to_thread(entry.workspace.rename, target)
-            except OSError:
-                log.warning("could not move a pool workspace into place; starting cold")
-                await self._discard_pool_entry(entry)
-                return None
-            log.info("sandbox taken from the pool", container=entry.container.id[:12])
-            return entry.box or _Box(entry.container, 0)
-        return None
-
-    async def _find_or_create(self, task_id: str) -> _Box:
-        claimed = await self._claim(task_id)
+    async def _find_or_create(self, task_id: str) -> Box:
+        claimed = await self._pool.claim(task_id, self._workspace_dir(task_id))
         if claimed is not None:
             return claimed
         for attempt in range(_CREATE_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(0.2 * attempt)
-            for found in await self._find(task_id):
+            for found in await _containers.find(self._docker, task_id):
                 state = found["State"]
                 if state == "running":
-                    return _Box(found, await self._oom_kills(found))
+                    return Box(found, await oom_kills(found))
                 if state in {"created", "exited"}:
                     try:
                         await found.start()
                     except aiodocker.DockerError:
                         log.warning("restarting a stopped sandbox failed; recreating it")
                     else:
-                        return _Box(found, await self._oom_kills(found))
+                        return Box(found, await oom_kills(found))
                 with contextlib.suppress(aiodocker.DockerError):
                     await found.delete(force=True)
             source = self._workspace_dir(task_id)
-            await asyncio.to_thread(self._prepare_workspace, source)
+            await asyncio.to_thread(_containers.prepare_workspace, source)
             started = time.monotonic()
             try:
                 container = await self._docker.containers.create(
-                    self._container_config({LABEL_TASK: task_id}, source),
+                    _containers.container_config(
+                        self.config, self._root, {LABEL_TASK: task_id}, source
+                    ),
                     name=f"{NAME_PREFIX}{task_id}",
                 )
             except aiodocker.DockerError as exc:
                 if exc.status == 409:  # another replica is creating (or removing) it
                     continue
                 raise
-            try:
-                await container.start()
-            except aiodocker.DockerError:
-                with contextlib.suppress(aiodocker.DockerError):
-                    await container.delete(force=True)
-                raise
+            await _containers.start_or_remove(container)
             log.info(
                 "sandbox created",
                 container=container.id[:12],
                 seconds=round(time.monotonic() - started, 3),
             )
-            return _Box(container, 0)
+            return Box(container, 0)
         raise SandboxError(f"could not get a sandbox container after {_CREATE_ATTEMPTS} tries")
 
-    async def _box(self, task_id: str) -> _Box:
+    async def _box(self, task_id: str) -> Box:
         box = self._boxes.get(task_id)
         if box is not None:
             return box
@@ -537,68 +221,13 @@ class DockerSandbox:
         async with lock:
             box = self._boxes.get(task_id)
             if box is None:
-                with _docker_errors("starting the sandbox"):
+                with docker_errors("starting the sandbox"):
                     box = await self._find_or_create(task_id)
                 self._boxes[task_id] = box
             return box
 
-    # --- ready execs ------------------------------------------------------------------
-
-    def _prefetch(self, box: _Box) -> None:
-        """Start the box's next waiting exec in the background (kept in ``box.refill``,
-        cancelled and awaited by :meth:`_release`)."""
-        if box.ready is None and (box.refill is None or box.refill.done()):
-            box.refill = asyncio.create_task(self._make_ready(box), name="sandbox-ready")
-
-    async def _make_ready(self, box: _Box) -> None:
-        try:
-            execution = await self._start_exec(
-                box.container, domain.READY_ARGV, env=domain.BASE_ENV, stdin=True
-            )
-            stream = execution.start(detach=False)
-            await stream.__aenter__()
-        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
-            log.debug("could not start a ready exec", error=str(exc))
-            return
-        box.ready = _Ready(execution, stream)
-
-    async def _take_ready(self, box: _Box) -> _Ready | None:
-        """The box's waiting exec if it is alive (waiting for one on its way, which is
-        never slower than starting a new one). The next one is started after the run
-        (:meth:`_after_run`): starting an exec takes CPU from the container's quota, and
-        the run would pay for it."""
-        if box.ready is None and box.refill is not None and not box.refill.done():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(box.refill)
-        ready, box.ready = box.ready, None
-        if ready is None:
-            return None
-        try:
-            alive = bool((await ready.execution.inspect()).get("Running"))
-        except aiodocker.DockerError:
-            alive = False
-        if not alive:
-            await self._close_ready(ready)
-            return None
-        return ready
-
-    async def _close_ready(self, ready: _Ready) -> None:
-        with contextlib.suppress(aiodocker.DockerError, aiohttp.ClientError, OSError):
-            await ready.stream.close()
-
-    async def _release(self, box: _Box | None) -> None:
-        """Stop a forgotten box's background work and its waiting exec."""
-        if box is None:
-            return
-        if box.refill is not None:
-            box.refill.cancel()
-            await asyncio.gather(box.refill, return_exceptions=True)
-        ready, box.ready = box.ready, None
-        if ready is not None:
-            await self._close_ready(ready)
-
     async def _forget(self, task_id: str) -> None:
-        await self._release(self._boxes.pop(task_id, None))
+        await release(self._boxes.pop(task_id, None))
 
     async def destroy(self, task_id: str) -> bool:
         """Remove the task's container (force). The host workspace stays: it holds the
@@ -606,8 +235,8 @@ class DockerSandbox:
         await self._forget(task_id)
         self._locks.pop(task_id, None)
         removed = False
-        with _docker_errors("removing the sandbox"):
-            for container in await self._find(task_id):
+        with docker_errors("removing the sandbox"):
+            for container in await _containers.find(self._docker, task_id):
                 try:
                     await container.delete(force=True)
                     removed = True
@@ -647,11 +276,11 @@ class DockerSandbox:
     async def reap_idle(self) -> int:
         """Remove task containers on this root unused for ``idle_ttl_s`` (by any
         replica: the activity marker is shared) with no exec running. Returns how many."""
-        filters = {"label": [f"{LABEL_ROLE}={ROLE}", f"{LABEL_ROOT}={self._root}"]}
-        with _docker_errors("listing sandboxes"):
+        filters = _containers.root_filters(self._root)
+        mine = self._pool.names()  # before listing: a name claimed meanwhile stays in it
+        with docker_errors("listing sandboxes"):
             containers = await self._docker.containers.list(all=True, filters=filters)
         now, removed = time.time(), 0
-        mine = {entry.name for entry in self._pool}
         for container in containers:
             names = [n.lstrip("/") for n in container["Names"]]
             orphan = next((n for n in names if n.startswith(POOL_PREFIX) and n not in mine), "")
@@ -659,8 +288,8 @@ class DockerSandbox:
                 # Another replica's pool container, unclaimed for a whole TTL: most likely
                 # that replica died. If it is alive, its claim of this one fails cleanly
                 # (404) and it takes the next or starts cold.
-                await self._discard_pool_entry(
-                    _PoolEntry(container, orphan, Path(self._root) / POOL_DIR / orphan)
+                await discard_pool_entry(
+                    PoolEntry(container, orphan, Path(self._root) / POOL_DIR / orphan)
                 )
                 removed += 1
                 continue
@@ -670,7 +299,7 @@ class DockerSandbox:
             marker = self._activity_marker(task_id)
             used = await asyncio.to_thread(workspace.last_used, marker)
             last = used if used is not None else float(container["Created"])
-            if now - last < self.config.idle_ttl_s or await self._exec_running(container):
+            if now - last < self.config.idle_ttl_s or await exec_running(self._docker, container):
                 continue
             with structlog.contextvars.bound_contextvars(task_id=task_id):
                 log.info("reaping an idle sandbox", idle_s=round(now - last))
@@ -678,110 +307,7 @@ class DockerSandbox:
                     removed += 1
         return removed
 
-    async def _exec_running(self, container: Any) -> bool:
-        """Whether any exec (maybe another replica's) is still running in it."""
-        try:
-            info = await container.show()
-            for exec_id in info.get("ExecIDs") or []:
-                details = await aiodocker.execs.Exec(self._docker, exec_id).inspect()
-                command = details.get("ProcessConfig") or {}
-                waiting = [command.get("entrypoint"), *command.get("arguments", [])]
-                # A waiting exec is not use; a run that went through one touched the
-                # activity marker when it started (idle_ttl_s > max_timeout_s).
-                if details.get("Running") and waiting != domain.READY_ARGV:
-                    return True
-        except aiodocker.DockerError:
-            return False
-        return False
-
-    # --- exec --------------------------------------------------------------------------
-
-    async def _start_exec(
-        self,
-        container: Any,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        stdin: bool = False,
-    ) -> Any:
-        """Create (not yet start) an exec of argv as the sandbox user in /workspace."""
-        return await container.exec(
-            list(argv),
-            user=SANDBOX_USER,
-            environment=dict(env) if env is not None else None,
-            workdir=WORKSPACE,
-            stdin=stdin,
-        )
-
-    async def _collect(
-        self,
-        execution: Any,
-        *,
-        deadline_s: float,
-        cap: int,
-        stdin: bytes | None = None,
-        started_stream: Any = None,
-    ) -> _Run:
-        """Start the exec (unless ``started_stream`` is its started stream) and collect
-        its capped output and exit code.
-
-        ``deadline_s`` is the safety net around everything; the command itself carries
-        its own ``timeout -s KILL``.
-        """
-        out, err = OutputCap(cap), OutputCap(cap)
-        started = time.monotonic()
-        fired = False
-
-        async def feed(stream: Any, data: bytes) -> None:
-            transport = _stdin_transport(stream)
-            with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
-                await stream.write_in(data)
-                transport.write_eof()
-
-        async def drain(stream: Any) -> None:
-            while (message := await stream.read_out()) is not None:
-                (out if message.stream == _STREAM_STDOUT else err).feed(message.data)
-
-        async def watch(feeding: asyncio.Task[None], draining: asyncio.Task[None]) -> None:
-            # Only commands that read stdin to EOF (cat) get stdin, but one may die before
-            # reading it all (cannot fork, bad path). Docker's stdin copy then blocks, and
-            # the output stream with it, forever: once the process is gone, stop both.
-            while not feeding.done():
-                await asyncio.wait({feeding}, timeout=_FEED_POLL_S)  # not a fixed sleep
-                if feeding.done() or (await execution.inspect()).get("Running"):
-                    continue
-                await asyncio.wait({draining}, timeout=0.5)
-                feeding.cancel()
-                draining.cancel()
-
-        try:
-            opened = started_stream or execution.start(detach=False)
-            async with asyncio.timeout(deadline_s), opened as stream:
-                if stdin is None:
-                    await drain(stream)
-                else:
-                    try:
-                        async with asyncio.TaskGroup() as group:
-                            feeding = group.create_task(feed(stream, stdin))
-                            draining = group.create_task(drain(stream))
-                            group.create_task(watch(feeding, draining))
-                    except ExceptionGroup as failed:
-                        raise failed.exceptions[0] from None
-        except TimeoutError:
-            fired = True
-        duration = time.monotonic() - started
-        exit_code: int | None = None
-        if not fired:
-            # The stream can end a moment before the exec is reaped. If the container was
-            # removed meanwhile (destroy), the exit code is unknown: None.
-            with contextlib.suppress(aiodocker.DockerError):
-                for _ in range(50):
-                    info = await execution.inspect()
-                    if not info.get("Running"):
-                        exit_code = info.get("ExitCode")
-                        break
-                    await asyncio.sleep(0.02)
-        return _Run(exit_code, out, err, duration, fired)
+    # --- runs --------------------------------------------------------------------------
 
     async def _run(
         self,
@@ -792,8 +318,10 @@ class DockerSandbox:
         cap: int,
         env: Mapping[str, str] | None = None,
         stdin: bytes | None = None,
-    ) -> tuple[_Box, _Run]:
-        """Exec in the task's container, creating it if needed.
+        measure_cpu: bool = False,
+    ) -> tuple[Box, Run]:
+        """Exec in the task's container, creating it if needed; with ``measure_cpu``
+        the run carries the CPU time its container used meanwhile.
 
         If the container this replica remembered was removed or stopped meanwhile, the
         exec cannot even be created: forget it and retry once with a fresh one. Once an
@@ -803,7 +331,13 @@ class DockerSandbox:
         workspace.touch(self._activity_marker(task_id))  # seen by other replicas' reapers
         try:
             return await self._run_once(
-                task_id, argv, deadline_s=deadline_s, cap=cap, env=env, stdin=stdin
+                task_id,
+                argv,
+                deadline_s=deadline_s,
+                cap=cap,
+                env=env,
+                stdin=stdin,
+                measure_cpu=measure_cpu,
             )
         finally:
             self._active[task_id] -= 1
@@ -821,28 +355,39 @@ class DockerSandbox:
         cap: int,
         env: Mapping[str, str] | None,
         stdin: bytes | None,
-    ) -> tuple[_Box, _Run]:
+        measure_cpu: bool,
+    ) -> tuple[Box, Run]:
         for attempt in (1, 2):
             box = await self._box(task_id)
             try:
-                with _docker_errors("running in the sandbox"):
+                with docker_errors("running in the sandbox"):
                     # Code runs in the box's waiting exec when there is one (same command,
                     # same environment, no exec start to wait for); file operations and
                     # runs with stdin start their own.
                     ready = None
                     if env is not None and stdin is None:
-                        ready = await self._take_ready(box)
+                        ready = await take_ready(box)
+                    # The whole container's CPU counter, read around the run: one
+                    # container serves one task, so all of it is the task's.
+                    before = await self._cpu.usage(box) if measure_cpu else None
                     if ready is not None:
-                        run = await self._collect(
+                        run = await collect(
                             ready.execution,
                             deadline_s=deadline_s,
                             cap=cap,
                             stdin=domain.ready_instruction(list(argv), env or {}),
                             started_stream=ready.stream,
                         )
-                        return await self._after_run(task_id, box, run, deadline_s)
+                        return await self._after_run(
+                            task_id,
+                            box,
+                            run,
+                            deadline_s,
+                            measure_cpu=measure_cpu,
+                            cpu_before=before,
+                        )
                     try:
-                        execution = await self._start_exec(
+                        execution = await start_exec(
                             box.container, argv, env=env, stdin=stdin is not None
                         )
                     except aiodocker.DockerError as exc:
@@ -850,20 +395,29 @@ class DockerSandbox:
                             await self._forget(task_id)
                             continue
                         raise
-                    run = await self._collect(
-                        execution, deadline_s=deadline_s, cap=cap, stdin=stdin
-                    )
+                    run = await collect(execution, deadline_s=deadline_s, cap=cap, stdin=stdin)
             except SandboxError:
                 await self._forget(task_id)
                 raise
-            return await self._after_run(task_id, box, run, deadline_s)
+            return await self._after_run(
+                task_id, box, run, deadline_s, measure_cpu=measure_cpu, cpu_before=before
+            )
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _after_run(
-        self, task_id: str, box: _Box, run: _Run, deadline_s: float
-    ) -> tuple[_Box, _Run]:
+        self,
+        task_id: str,
+        box: Box,
+        run: Run,
+        deadline_s: float,
+        *,
+        measure_cpu: bool,
+        cpu_before: int | None,
+    ) -> tuple[Box, Run]:
+        if measure_cpu:  # first: before the next waiting exec starts, or a removal
+            run.cpu_seconds = await self._cpu.since(box, cpu_before)
         if self._boxes.get(task_id) is box:  # not forgotten meanwhile (destroy)
-            self._prefetch(box)
+            prefetch(box)
         if run.safety_net_fired:
             log.error(
                 "sandbox run outlived its deadline; removing the container",
@@ -904,12 +458,13 @@ class DockerSandbox:
                 deadline_s=limit + self.config.safety_margin_s,
                 cap=self.config.max_output_bytes,
                 env=full_env,
+                measure_cpu=True,
             ),
         )
         oom = False
         if run.exit_code == EXIT_KILLED and run.duration_s < limit and not killed:
             with contextlib.suppress(SandboxError, aiodocker.DockerError, aiohttp.ClientError):
-                count = await self._oom_kills(box.container)
+                count = await oom_kills(box.container)
                 oom = count is None or box.oom_kills is None or count > box.oom_kills
                 box.oom_kills = count
         truncated = run.stdout.truncated or run.stderr.truncated
@@ -943,6 +498,7 @@ class DockerSandbox:
             exit_code=run.exit_code,
             outcome=outcome.value,
             duration_ms=round(run.duration_s * 1000, 1),
+            cpu_seconds=round(run.cpu_seconds, 3),
         )
         return SandboxExecReply(
             exit_code=run.exit_code,
@@ -950,49 +506,32 @@ class DockerSandbox:
             stderr=stderr,
             duration_ms=round(run.duration_s * 1000, 3),
             outcome=outcome,
+            cpu_seconds=round(run.cpu_seconds, 6),
         )
 
     async def _usage(self, task_id: str) -> int:
         return await asyncio.to_thread(workspace.disk_usage, self._workspace_dir(task_id))
 
     async def _guarded(
-        self, task_id: str, running: Awaitable[tuple[_Box, _Run]]
-    ) -> tuple[tuple[_Box, _Run], tuple[int, bool]]:
-        """Await a run while watching the workspace's disk usage; a run that grows it
-        past the cap (or past what it held at the start, if already over) is stopped by
-        replacing the container. Returns the run and (usage after it, stopped?)."""
-        cap = self.config.workspace_max_bytes
-        stopped = asyncio.Event()
+        self, task_id: str, running: Awaitable[tuple[Box, Run]]
+    ) -> tuple[tuple[Box, Run], tuple[int, bool]]:
+        """Await a run under the workspace guard (:mod:`._guard`). Returns the run and
+        (usage after it, stopped?)."""
 
-        async def watch() -> None:
-            limit = max(cap, await self._usage(task_id))
-            interval = self.config.guard_interval_s
-            while True:
-                await asyncio.sleep(interval)
-                started = time.monotonic()
-                used = await self._usage(task_id)
-                # big trees cost more to walk: look less often, at most 10% of a core
-                interval = max(self.config.guard_interval_s, 10 * (time.monotonic() - started))
-                if used > limit:
-                    log.warning("run stopped: workspace over its cap", used=used, cap=cap)
-                    stopped.set()
-                    await self.destroy(task_id)
-                    return
+        async def stop() -> None:
+            box = self._boxes.get(task_id)
+            if box is not None:  # the run's CPU so far: its container goes now
+                await self._cpu.usage(box)
+            await self.destroy(task_id)
 
-        guard = asyncio.create_task(watch(), name=f"sandbox-guard-{task_id}")
-        try:
-            result = await running
-        finally:
-            if not stopped.is_set():
-                guard.cancel()
-            # else let it finish replacing the container: the next call must not find
-            # the old one half-removed
-            # the guard's own failure (engine trouble while replacing) is only logged:
-            # the run's result is what the caller needs
-            (outcome,) = await asyncio.gather(guard, return_exceptions=True)
-            if isinstance(outcome, Exception):
-                log.warning("workspace guard failed", error=str(outcome))
-        return result, (await self._usage(task_id), stopped.is_set())
+        return await guarded(
+            running,
+            cap=self.config.workspace_max_bytes,
+            interval_s=self.config.guard_interval_s,
+            usage=lambda: self._usage(task_id),
+            stop=stop,
+            name=f"sandbox-guard-{task_id}",
+        )
 
     async def _feed(self, task_id: str, argv: list[str], data: bytes, what: str) -> None:
         """Run a short file operation that reads ``data`` on its stdin; raise on failure."""
