@@ -21,16 +21,24 @@ from faststream.nats import NatsBroker
 
 from agentbus.cli import client
 from agentbus.contracts import (
+    BudgetExhausted,
+    BudgetFigure,
+    BudgetKind,
     CostsReply,
     CostsRequest,
+    Event,
     HealthReply,
     HealthRequest,
+    LLMCalled,
     ModelUsage,
+    OnBudget,
     PlanCreated,
     PlanStep,
     StepCompleted,
+    StepPaused,
     StepReady,
     StepToolCalled,
+    TaskApproved,
     TaskCompleted,
     TaskFailed,
     TaskHistoryReply,
@@ -44,7 +52,8 @@ from agentbus.contracts import (
 )
 from agentbus.core.bus import publish_event, rpc
 from agentbus.core.settings import BusSettings
-from agentbus.memory import Settings, create_app
+from agentbus.memory import Settings, create_app, domain
+from agentbus.memory.adapters import db as memory_db
 from agentbus.memory.adapters.db import Database, migrations, run_migrations
 from agentbus.memory.adapters.embeddings import LocalEmbedder, load_minilm
 from agentbus.memory.handlers import answer_history
@@ -77,7 +86,10 @@ async def memory(nats_url: str, database_url: str) -> AsyncIterator[FastStream]:
     settings = Settings(
         database_url=database_url,
         events_durable=DURABLE,
-        bus=BusSettings(nats_url=nats_url, retry_backoff_s=0.1),
+        # ack_wait well under the tests' 30 s waits: on a busy machine FastStream's pull
+        # loop can drop a partly fetched batch (nats-py raises a bare asyncio.TimeoutError
+        # that FastStream does not catch); JetStream redelivers it after ack_wait.
+        bus=BusSettings(nats_url=nats_url, retry_backoff_s=0.1, ack_wait_s=5),
     )
     app = create_app(settings, embedder=LocalEmbedder(load=minilm))
     async with TestApp(app):
@@ -471,3 +483,288 @@ async def test_the_cli_lists_tasks_and_costs(
     out = capsys.readouterr().out  # service logs share stdout in tests: find the JSON
     report = CostsReply.model_validate_json(out[out.index("{\n") :])
     assert report.total.cost_usd == pytest.approx(0.125)
+
+
+# --- spend control: LLM calls, budget pauses and approvals -------------------------------
+
+
+def call(task_id: str, model: str, cost: float, at: datetime, **fields: Any) -> LLMCalled:
+    spent = ModelUsage(prompt_tokens=100, completion_tokens=10, calls=1, cost_usd=cost)
+    return LLMCalled(task_id=task_id, model=model, usage=spent, occurred_at=at, **fields)
+
+
+async def test_llm_calls_are_stored_once_and_costs_count_every_call_of_the_planner_too(
+    broker: NatsBroker, db: asyncpg.Connection
+) -> None:
+    day = datetime(2051, 1, 1, 8, tzinfo=UTC) + timedelta(days=uuid.uuid4().int % 10_000)
+    running, older = new_id("tsk"), new_id("tsk")
+    step = PlanStep(id="s1", title="t", instructions="i")
+    planning = LLMCalled(
+        task_id=running,
+        role="planner",
+        conversation="planner/plan",
+        model="model-p",
+        usage=ModelUsage(
+            prompt_tokens=1000, completion_tokens=200, cached_tokens=100, calls=1, cost_usd=0.25
+        ),
+        reserved_tokens=5000,
+        reserved_cost_usd=1.5,
+        duration_ms=812.5,
+        occurred_at=day + timedelta(seconds=1),
+    )
+    stepping = call(
+        running, "model-e", 0.5, day + timedelta(seconds=3), role="executor", step_id="s1"
+    )
+    # The planner's answer call: made, but the task has not completed yet.
+    answering = call(running, "model-p", 0.0625, day + timedelta(seconds=5), role="planner")
+    events: list[Event] = [
+        TaskSubmitted(task_id=running, goal="running", occurred_at=day),
+        planning,
+        PlanCreated(
+            task_id=running,
+            steps=[step],
+            usage=Usage.of("model-p", planning.usage),  # the same call, not counted twice
+            occurred_at=day + timedelta(seconds=2),
+        ),
+        StepReady(task_id=running, step=step, goal="running", occurred_at=day),
+        stepping,
+        StepCompleted(
+            task_id=running,
+            step_id="s1",
+            output="o",
+            usage=Usage.of("model-e", stepping.usage),
+            occurred_at=day + timedelta(seconds=4),
+        ),
+        answering,
+        # A task from before memory recorded LLM calls: its reported usage stands in.
+        TaskSubmitted(task_id=older, goal="older", occurred_at=day + timedelta(hours=1)),
+        TaskCompleted(
+            task_id=older,
+            answer="a",
+            usage=usage("model-e", 10, 5, 1, 0.125),
+            occurred_at=day + timedelta(hours=1),
+        ),
+    ]
+    for event in events:
+        await publish_event(broker, event)
+    again = await broker.publish(  # the planning call again, past JetStream's de-duplication
+        planning.model_dump(mode="json"),
+        planning.subject,
+        stream=subjects.EVENTS_STREAM,
+        headers={"Nats-Msg-Id": f"retry-{uuid.uuid4()}"},
+    )
+    assert not again.duplicate
+    await settled(broker, again.seq)
+
+    rows = await db.fetch(
+        "SELECT * FROM llm_calls WHERE task_id = $1 ORDER BY occurred_at", running
+    )
+    assert [r["event_id"] for r in rows] == [
+        planning.event_id,
+        stepping.event_id,
+        answering.event_id,
+    ]
+    assert dict(rows[0]) == {
+        "event_id": planning.event_id,
+        "task_id": running,
+        "step_id": "",
+        "role": "planner",
+        "conversation": "planner/plan",
+        "model": "model-p",
+        "prompt_tokens": 1000,
+        "completion_tokens": 200,
+        "cached_tokens": 100,
+        "cost_usd": 0.25,
+        "reserved_tokens": 5000,
+        "reserved_cost_usd": 1.5,
+        "duration_ms": 812.5,
+        "occurred_at": planning.occurred_at,
+    }
+    assert (rows[1]["step_id"], rows[1]["role"]) == ("s1", "executor")
+    history = await client.history(broker, running)
+    assert [e.type for e in history.events].count("llm.called") == 3
+
+    request = CostsRequest(since=day, until=day + timedelta(days=1))
+    report = await rpc(broker, subjects.MEMORY_COSTS, request, CostsReply, timeout=5)
+    assert report.ok, report.error
+    assert report.tasks == 2
+    assert report.by_model["model-p"] == ModelUsage(
+        prompt_tokens=1100, completion_tokens=210, cached_tokens=100, calls=2, cost_usd=0.3125
+    )
+    assert report.by_model["model-e"] == ModelUsage(
+        prompt_tokens=110, completion_tokens=15, calls=2, cost_usd=0.625
+    )
+    assert report.total.cost_usd == pytest.approx(0.9375)
+    assert [t.task_id for t in report.by_task] == [running, older]  # costliest first
+    assert [t.usage.total.cost_usd for t in report.by_task] == pytest.approx([0.8125, 0.125])
+    assert report.by_task[0].status is TaskStatus.RUNNING
+    assert report.by_task[0].usage.by_model["model-p"].calls == 2
+
+
+def exhausted(task_id: str, round_: int = 0) -> BudgetExhausted:
+    return BudgetExhausted(
+        task_id=task_id,
+        figure=BudgetFigure(kind=BudgetKind.COST, used=0.5, limit=0.5),
+        needed=0.1,
+        reason="cost budget exhausted",
+        action=OnBudget.PAUSE,
+        approval_deadline=datetime.now(UTC) + timedelta(hours=1),
+        step_id="s1",
+        round=round_,
+    )
+
+
+async def test_a_task_paused_by_its_budget_awaits_approval_and_its_step_resumes(
+    broker: NatsBroker,
+) -> None:
+    task_id = new_id("tsk")
+    step = PlanStep(id="s1", title="count", instructions="count")
+    first, second = usage("model-a", 100, 10, 2, 0.25), usage("model-a", 50, 5, 1, 0.125)
+    events: list[Event] = [
+        TaskSubmitted(task_id=task_id, goal="count"),
+        PlanCreated(task_id=task_id, steps=[step]),
+        StepReady(task_id=task_id, step=step, goal="count"),
+        exhausted(task_id),
+        StepPaused(task_id=task_id, step_id="s1", reason="cost budget exhausted", usage=first),
+        TaskApproved(task_id=task_id, add_cost_usd=1.0),
+        StepReady(task_id=task_id, step=step, goal="count", attempt=2),
+        StepCompleted(task_id=task_id, step_id="s1", output="3", usage=second, attempt=2),
+    ]
+    seen: list[tuple[str, str]] = []
+    history: TaskHistoryReply | None = None
+    for event in events:
+        await settled(broker, (await publish_event(broker, event)).seq)
+        history = await client.history(broker, task_id)
+        assert history.task is not None
+        seen.append((history.task.status.value, history.steps[0].status if history.steps else ""))
+        if isinstance(event, StepPaused):
+            waiting = TaskListRequest(status=TaskStatus.AWAITING_APPROVAL, limit=1000)
+            listed = await rpc(broker, subjects.MEMORY_TASK_LIST, waiting, TaskListReply, timeout=5)
+            assert task_id in [t.task_id for t in listed.tasks]
+    assert seen == [
+        ("submitted", ""),
+        ("planned", "pending"),
+        ("running", "running"),
+        ("awaiting_approval", "running"),
+        ("awaiting_approval", "paused"),
+        ("running", "paused"),
+        ("running", "running"),
+        ("running", "completed"),
+    ]
+    assert history is not None and history.task is not None
+    (done,) = history.steps
+    assert (done.attempt, done.output, done.error) == (2, "3", None)
+    assert done.usage == first + second  # the paused attempt's spend counts too
+    assert history.task.usage == first + second
+
+
+async def test_a_late_event_replays_the_task_and_keeps_its_pause(database_url: str) -> None:
+    task_id = new_id("tsk")
+    step = PlanStep(id="s1", title="t", instructions="i")
+    paused_usage = usage("model-a", 10, 1, 1, 0.5)
+    llm = call(task_id, "model-a", 0.5, datetime.now(UTC), role="executor", step_id="s1")
+    by_seq: dict[int, Event] = {
+        1: TaskSubmitted(task_id=task_id, goal="g"),
+        2: PlanCreated(task_id=task_id, steps=[step]),
+        3: StepReady(task_id=task_id, step=step, goal="g"),
+        4: StepPaused(task_id=task_id, step_id="s1", reason="budget", usage=paused_usage),
+        5: exhausted(task_id),
+        6: llm,
+        7: TaskApproved(task_id=task_id),
+    }
+
+    async def record(database: Database, seq: int) -> None:
+        event = by_seq[seq]
+        incoming = domain.read_event(
+            event.model_dump_json().encode(),
+            subject=event.subject,
+            stream_seq=seq,
+            received_at=datetime.now(UTC),
+        )
+        assert await database.record(incoming.record, incoming.event)
+
+    database = await Database.open(database_url, connect_retries=0)
+    try:
+        for seq in (1, 2, 3, 5, 6):
+            await record(database, seq)
+        projection, _ = await database.task_history(task_id)
+        assert projection is not None and projection.status is TaskStatus.AWAITING_APPROVAL
+        await record(database, 4)  # late: the task is replayed from its stored events
+        projection, events = await database.task_history(task_id)
+        assert projection is not None
+        assert projection.status is TaskStatus.AWAITING_APPROVAL  # the pause was replayed
+        assert projection.steps[0].status == "paused"
+        assert projection.usage == paused_usage
+        assert [e.seq for e in events] == [1, 2, 3, 4, 5, 6]
+        await record(database, 7)
+        projection, _ = await database.task_history(task_id)
+        assert projection is not None and projection.status is TaskStatus.RUNNING
+    finally:
+        await database.close()
+
+
+async def test_migrating_copies_llm_calls_an_older_memory_stored_as_unknown_events(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin = await asyncpg.connect(database_url)
+    name = f"mig_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        dsn = with_database(database_url, name)
+        every = migrations()
+        monkeypatch.setattr(memory_db, "migrations", lambda: every[:2])  # a memory before 0003
+        assert await run_migrations(dsn) == [1, 2]
+        monkeypatch.undo()
+
+        task_id = new_id("tsk")
+        good = call(task_id, "model-a", 0.5, datetime(2026, 11, 2, tzinfo=UTC), role="planner")
+        malformed = {
+            "type": "llm.called",
+            "event_id": new_id("evt"),
+            "task_id": task_id,
+            "model": "model-b",
+            "usage": {"prompt_tokens": "lots", "cost_usd": -1, "completion_tokens": 1e30},
+        }
+        no_model = {"type": "llm.called", "event_id": new_id("evt"), "usage": {}}
+        conn = await asyncpg.connect(dsn)
+        try:
+            for payload in (good.model_dump(mode="json"), malformed, no_model):
+                await conn.execute(
+                    "INSERT INTO events (event_id, task_id, type, subject, occurred_at, payload) "
+                    "VALUES ($1, $2, 'llm.called', 's', $3, $4::jsonb)",
+                    payload["event_id"],
+                    task_id,
+                    good.occurred_at,
+                    json.dumps(payload),
+                )
+            assert await run_migrations(dsn) == [3]
+            rows = await conn.fetch(
+                "SELECT event_id, step_id, role, model, prompt_tokens, completion_tokens, "
+                "cost_usd FROM llm_calls ORDER BY cost_usd DESC"
+            )
+        finally:
+            await conn.close()
+        assert [dict(r) for r in rows] == [
+            {
+                "event_id": good.event_id,
+                "step_id": "",
+                "role": "planner",
+                "model": "model-a",
+                "prompt_tokens": 100,
+                "completion_tokens": 10,
+                "cost_usd": 0.5,
+            },
+            {  # wrong types count as nothing; the migration does not stop for them
+                "event_id": malformed["event_id"],
+                "step_id": "",
+                "role": "",
+                "model": "model-b",
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "cost_usd": 0.0,
+            },
+        ]
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -11,14 +11,22 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from agentbus.contracts import (
+    BudgetExhausted,
+    BudgetFigure,
+    BudgetKind,
+    BudgetWarning,
     Event,
+    LLMCalled,
     ModelUsage,
+    OnBudget,
     PlanCreated,
     PlanStep,
     StepCompleted,
     StepFailed,
+    StepPaused,
     StepReady,
     StepToolCalled,
+    TaskApproved,
     TaskCancelled,
     TaskCancelRequested,
     TaskCompleted,
@@ -34,6 +42,9 @@ T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 TASK = "tsk_unit"
 S1 = PlanStep(id="s1", title="first", instructions="do one")
 S2 = PlanStep(id="s2", title="second", instructions="do two", depends_on=["s1"])
+
+
+FIGURE = BudgetFigure(kind=BudgetKind.COST, used=0.9, limit=1.0)
 
 
 def at(seconds: float) -> datetime:
@@ -231,6 +242,9 @@ def test_the_projection_is_the_same_whatever_order_the_events_arrive_in(count: i
         TaskCancelRequested(task_id=TASK),
         TaskCancelled(task_id=TASK, reason="too late", usage=spend(9, 9)),
         TaskFailed(task_id=TASK, reason="too late", usage=spend(9, 9)),
+        StepPaused(task_id=TASK, step_id="s1", reason="budget", usage=spend(1, 1), attempt=2),
+        BudgetExhausted(task_id=TASK, figure=FIGURE, reason="late", action=OnBudget.PAUSE),
+        TaskApproved(task_id=TASK),
     ],
 )
 def test_a_terminal_task_does_not_go_back_nor_count_spend_twice(late: Event) -> None:
@@ -330,6 +344,180 @@ def test_the_summary_is_what_task_history_answers_with() -> None:
     assert summary.answer == "the answer"
     assert summary.usage.total.calls == 4
     assert (summary.created_at, summary.updated_at) == (at(0), at(5))
+
+
+# --- budget pauses and approvals -----------------------------------------------------
+
+
+def exhausted(
+    round_: int = 0, action: OnBudget = OnBudget.PAUSE, seconds: float = 0
+) -> BudgetExhausted:
+    return BudgetExhausted(
+        task_id=TASK,
+        figure=FIGURE,
+        reason="cost budget exhausted",
+        action=action,
+        step_id="s1",
+        round=round_,
+        occurred_at=at(seconds),
+    )
+
+
+def paused_lifecycle() -> list[Event]:
+    """A step stops for lack of budget, the task is approved, the step resumes and ends."""
+    return [
+        TaskSubmitted(task_id=TASK, goal="the goal", occurred_at=at(0)),
+        PlanCreated(task_id=TASK, steps=[S1], usage=spend(1, 0.25), occurred_at=at(1)),
+        StepReady(task_id=TASK, step=S1, goal="the goal", occurred_at=at(2)),
+        exhausted(seconds=3),
+        StepPaused(
+            task_id=TASK, step_id="s1", reason="paused", usage=spend(2, 0.5), occurred_at=at(4)
+        ),
+        TaskApproved(task_id=TASK, add_cost_usd=1, occurred_at=at(5)),
+        StepReady(task_id=TASK, step=S1, goal="the goal", attempt=2, occurred_at=at(6)),
+        StepCompleted(
+            task_id=TASK,
+            step_id="s1",
+            output="out 1",
+            usage=spend(1, 0.125),
+            attempt=2,
+            occurred_at=at(7),
+        ),
+    ]
+
+
+def test_a_budget_pause_awaits_approval_and_the_paused_step_resumes() -> None:
+    statuses: list[tuple[TaskStatus, StepStatus]] = []
+    projection: TaskProjection | None = None
+    for seq, event in enumerate(paused_lifecycle(), start=1):
+        projection = apply(projection, event, seq)
+        assert projection is not None
+        step = projection.step("s1")
+        statuses.append((projection.status, step.status if step else StepStatus.PENDING))
+    assert statuses == [
+        (TaskStatus.SUBMITTED, StepStatus.PENDING),
+        (TaskStatus.PLANNED, StepStatus.PENDING),
+        (TaskStatus.RUNNING, StepStatus.RUNNING),
+        (TaskStatus.AWAITING_APPROVAL, StepStatus.RUNNING),
+        (TaskStatus.AWAITING_APPROVAL, StepStatus.PAUSED),  # its result does not end the wait
+        (TaskStatus.RUNNING, StepStatus.PAUSED),
+        (TaskStatus.RUNNING, StepStatus.RUNNING),
+        (TaskStatus.RUNNING, StepStatus.COMPLETED),
+    ]
+    assert projection is not None
+    (step,) = projection.steps
+    assert (step.attempt, step.output, step.error) == (2, "out 1", None)
+    assert step.usage == spend(2, 0.5) + spend(1, 0.125)  # both attempts
+    assert projection.usage == spend(1, 0.25) + spend(2, 0.5) + spend(1, 0.125)
+
+
+def test_a_paused_step_shows_paused_until_its_next_attempt() -> None:
+    events = paused_lifecycle()
+    paused = fold(*events[:5])
+    assert paused.steps[0].status is StepStatus.PAUSED
+    late_ready = apply(paused, events[2], 9)  # attempt 1's StepReady again: still paused
+    assert late_ready is not None and late_ready.steps[0].status is StepStatus.PAUSED
+
+
+def test_results_of_steps_in_flight_do_not_end_the_wait() -> None:
+    waiting = fold(
+        TaskSubmitted(task_id=TASK, goal="g"),
+        PlanCreated(task_id=TASK, steps=[S1, S2]),
+        StepReady(task_id=TASK, step=S1, goal="g"),
+        exhausted(),
+        StepCompleted(task_id=TASK, step_id="s1", output="done anyway"),
+    )
+    assert waiting.status is TaskStatus.AWAITING_APPROVAL
+    assert waiting.steps[0].status is StepStatus.COMPLETED
+
+
+@pytest.mark.parametrize("count", [8, 5], ids=["approved", "waiting"])
+def test_a_pause_gives_the_same_projection_whatever_order_its_events_arrive_in(
+    count: int,
+) -> None:
+    events = paused_lifecycle()[1:count]  # without TaskSubmitted: 7! orders, not 8!
+    expected = fold(*events)
+    assert expected.status is (TaskStatus.RUNNING if count == 8 else TaskStatus.AWAITING_APPROVAL)
+    for order in itertools.permutations(range(len(events))):
+        projection: TaskProjection | None = None
+        for index in order:
+            projection = apply(projection, events[index], index + 1)
+        assert projection == expected, [events[i].event_type for i in order]
+
+
+def test_an_approval_answers_the_pause_of_its_round_even_if_it_comes_first() -> None:
+    running = fold(
+        TaskSubmitted(task_id=TASK, goal="g"),
+        PlanCreated(task_id=TASK, steps=[S1]),
+        StepReady(task_id=TASK, step=S1, goal="g"),
+        TaskApproved(task_id=TASK),  # published by a client before the exhaustion landed
+        exhausted(round_=0),
+    )
+    assert running.status is TaskStatus.RUNNING
+    again = apply(running, exhausted(round_=1), 6)  # the budget ran out again after it
+    assert again is not None and again.status is TaskStatus.AWAITING_APPROVAL
+    resumed = apply(again, TaskApproved(task_id=TASK), 7)
+    assert resumed is not None and resumed.status is TaskStatus.RUNNING
+
+
+def test_a_pause_during_planning_runs_again_after_approval() -> None:
+    projection = fold(
+        TaskSubmitted(task_id=TASK, goal="g"),
+        exhausted(),
+    )
+    assert projection.status is TaskStatus.AWAITING_APPROVAL
+    approved = apply(projection, TaskApproved(task_id=TASK), 3)
+    assert approved is not None and approved.status is TaskStatus.RUNNING
+    planned = apply(approved, PlanCreated(task_id=TASK, steps=[S1]), 4)
+    assert planned is not None and [s.id for s in planned.steps] == ["s1"]
+
+
+def test_a_budget_that_runs_out_with_action_fail_leaves_the_end_to_task_failed() -> None:
+    running = fold(
+        TaskSubmitted(task_id=TASK, goal="g"),
+        PlanCreated(task_id=TASK, steps=[S1]),
+        StepReady(task_id=TASK, step=S1, goal="g"),
+        exhausted(action=OnBudget.FAIL),
+    )
+    assert running.status is TaskStatus.RUNNING
+    failed = apply(running, TaskFailed(task_id=TASK, reason="cost budget exhausted"), 5)
+    assert failed is not None
+    assert (failed.status, failed.error) == (TaskStatus.FAILED, "cost budget exhausted")
+
+
+def test_a_cancel_request_outranks_a_pause_and_an_approval() -> None:
+    requested = fold(
+        TaskSubmitted(task_id=TASK, goal="g"),
+        exhausted(),
+        TaskCancelRequested(task_id=TASK),
+        TaskApproved(task_id=TASK),
+        exhausted(round_=1),
+    )
+    assert requested.status is TaskStatus.CANCEL_REQUESTED
+    cancelled = apply(requested, TaskCancelled(task_id=TASK, reason="by user"), 6)
+    assert cancelled is not None and cancelled.status is TaskStatus.CANCELLED
+
+
+def test_llm_calls_and_budget_warnings_change_no_projection() -> None:
+    call = LLMCalled(
+        task_id=TASK, role="planner", model="m", usage=ModelUsage(calls=1, cost_usd=0.5)
+    )
+    warning = BudgetWarning(task_id=TASK, figure=FIGURE)
+    assert apply(None, call, 1) is None
+    assert apply(None, warning, 1) is None
+    submitted = fold(TaskSubmitted(task_id=TASK, goal="g"))
+    assert apply(submitted, call, 2) == submitted
+    assert apply(submitted, warning, 3) == submitted
+    assert {"llm.called", "budget.warning", "step.tool_called"}.isdisjoint(domain.PROJECTED_TYPES)
+    assert {"budget.exhausted", "task.approved", "step.paused"} <= domain.PROJECTED_TYPES
+
+
+def test_a_paused_projection_survives_its_row() -> None:
+    projection = fold(*paused_lifecycle()[:6], exhausted(round_=1, seconds=9))
+    assert (projection.approvals, projection.paused_round) == (1, 1)
+    row = json.loads(json.dumps(projection.to_row(), default=str))
+    row["created_at"], row["updated_at"] = projection.created_at, projection.updated_at
+    assert TaskProjection.from_row(row) == projection
 
 
 # --- semantic memory and cost reports ------------------------------------------------

@@ -10,8 +10,9 @@ Two jobs, both pure functions:
   answers with). The adapter calls it in stream order: incrementally while events
   arrive in order, or through ``replay`` of the whole stored history when one arrives
   late, so the projection is always the fold of the stream. ``apply`` is still safe
-  against events a producer sent out of logical order: a terminal status is final and
-  stale step attempts do not overwrite newer ones.
+  against events a producer sent out of logical order: a terminal status is final,
+  stale step attempts do not overwrite newer ones, and a budget pause is matched to
+  its approval by the approval round, not by which arrived first.
 """
 
 from __future__ import annotations
@@ -28,14 +29,20 @@ from pydantic import ValidationError
 
 from agentbus.contracts import (
     EVENT_TYPES,
+    BudgetExhausted,
+    BudgetWarning,
     Event,
+    LLMCalled,
     ModelUsage,
+    OnBudget,
     PlanCreated,
     PlanStep,
     StepCompleted,
     StepFailed,
+    StepPaused,
     StepReady,
     StepToolCalled,
+    TaskApproved,
     TaskCancelled,
     TaskCancelRequested,
     TaskCompleted,
@@ -49,6 +56,14 @@ from agentbus.contracts import (
 )
 
 TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+# Events that change nothing in a task's projection: progress for people following
+# along (StepToolCalled, BudgetWarning) and spend records (LLMCalled, which memory keeps
+# in a table of its own).
+UNPROJECTED: tuple[type[Event], ...] = (StepToolCalled, LLMCalled, BudgetWarning)
+PROJECTED_TYPES = frozenset(
+    name for name, cls in EVENT_TYPES.items() if not issubclass(cls, UNPROJECTED)
+)
 
 # --- reading events ------------------------------------------------------------------
 
@@ -211,8 +226,14 @@ def _timestamp(value: Any) -> datetime | None:
 class StepStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    PAUSED = "paused"  # stopped by the task's budget; resumes as a new attempt
     COMPLETED = "completed"
     FAILED = "failed"
+
+
+# The attempt these statuses describe is over: the same attempt's StepReady, arriving
+# late, must not make the step running again.
+_ATTEMPT_OVER = frozenset({StepStatus.PAUSED, StepStatus.COMPLETED, StepStatus.FAILED})
 
 
 @dataclass(frozen=True)
@@ -253,7 +274,12 @@ class StepView:
 
 @dataclass(frozen=True)
 class TaskProjection:
-    """A task as its events so far describe it; ``last_seq`` is the newest event applied."""
+    """A task as its events so far describe it; ``last_seq`` is the newest event applied.
+
+    ``approvals`` counts the task's approvals; ``paused_round`` is the highest approval
+    round in which a budget ran out with action pause (None: never). The task awaits
+    approval while that pause has not been answered by an approval.
+    """
 
     task_id: str
     status: TaskStatus
@@ -267,10 +293,18 @@ class TaskProjection:
     answer: str | None = None
     error: str | None = None
     usage: Usage = field(default_factory=Usage)
+    approvals: int = 0
+    paused_round: int | None = None
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def unanswered_pause(self) -> bool:
+        """A budget pause no approval has answered yet. Rounds count approvals: the
+        pause of round n (n approvals before it) is answered by approval n + 1."""
+        return self.paused_round is not None and self.paused_round >= self.approvals
 
     def step(self, step_id: str) -> StepView | None:
         return next((s for s in self.steps if s.id == step_id), None)
@@ -304,6 +338,8 @@ class TaskProjection:
             answer=row["answer"],
             error=row["error"],
             usage=Usage.model_validate(row["usage"] or {}),
+            approvals=row.get("approvals") or 0,
+            paused_round=row.get("paused_round"),
         )
 
     def to_row(self) -> dict[str, Any]:
@@ -323,12 +359,14 @@ class TaskProjection:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "last_seq": self.last_seq,
+            "approvals": self.approvals,
+            "paused_round": self.paused_round,
         }
 
 
 def apply(current: TaskProjection | None, event: Event, seq: int) -> TaskProjection | None:
     """The projection after ``event`` (stream sequence ``seq``); None while nothing is known."""
-    if not _changes_projection(event):
+    if not changes_projection(event):
         return current
     p = current or TaskProjection(
         task_id=event.task_id,
@@ -342,7 +380,7 @@ def apply(current: TaskProjection | None, event: Event, seq: int) -> TaskProject
         created_at=min(p.created_at, event.occurred_at),
         updated_at=max(p.updated_at, event.occurred_at),
     )
-    return _transition(p, event)
+    return _approval_status(_transition(p, event))
 
 
 def replay(history: Iterable[tuple[int, Event]]) -> TaskProjection | None:
@@ -358,9 +396,9 @@ def in_order(current: TaskProjection | None, seq: int) -> bool:
     return current is None or seq > current.last_seq
 
 
-def _changes_projection(event: Event) -> bool:
-    # StepToolCalled is progress for people following along; it changes nothing here.
-    return not isinstance(event, StepToolCalled)
+def changes_projection(event: Event) -> bool:
+    """False for the events ``apply`` passes over (see ``UNPROJECTED``)."""
+    return not isinstance(event, UNPROJECTED)
 
 
 def _transition(p: TaskProjection, event: Event) -> TaskProjection:
@@ -381,6 +419,13 @@ def _transition(p: TaskProjection, event: Event) -> TaskProjection:
             return _step_result(
                 p, event, status=StepStatus.FAILED, output=output, error=event.error
             )
+        case StepPaused():
+            # Not a failure: the attempt's spend counts, the step resumes after approval.
+            view = p.step(event.step_id)
+            output = view.output if view is not None else None
+            return _step_result(p, event, status=StepStatus.PAUSED, output=output, error=None)
+        case BudgetExhausted() | TaskApproved():
+            return _budget(p, event)
         case TaskCompleted():
             return _ended(p, TaskStatus.COMPLETED, event.usage, answer=event.answer)
         case TaskFailed():
@@ -391,6 +436,30 @@ def _transition(p: TaskProjection, event: Event) -> TaskProjection:
             return replace(p, status=_moved(p.status, TaskStatus.CANCEL_REQUESTED))
         case _:
             return p
+
+
+def _budget(p: TaskProjection, event: BudgetExhausted | TaskApproved) -> TaskProjection:
+    """Count approvals and pauses; ``_approval_status`` derives the status from them."""
+    if isinstance(event, TaskApproved):
+        return replace(p, approvals=p.approvals + 1)
+    if event.action is OnBudget.PAUSE:
+        return replace(p, paused_round=max(event.round, p.paused_round or 0))
+    return p  # action fail: the planner fails the task, TaskFailed follows
+
+
+def _approval_status(p: TaskProjection) -> TaskProjection:
+    """Awaiting approval while a budget pause is unanswered; running once it is.
+
+    Derived from the rounds after every event, so a pause and its approval give the
+    same status whichever is applied first. A terminal state or a cancel request wins.
+    """
+    if p.terminal or p.status is TaskStatus.CANCEL_REQUESTED:
+        return p
+    if p.unanswered_pause:
+        return replace(p, status=TaskStatus.AWAITING_APPROVAL)
+    if p.status is TaskStatus.AWAITING_APPROVAL:
+        return replace(p, status=TaskStatus.RUNNING)
+    return p
 
 
 def _moved(current: TaskStatus, target: TaskStatus) -> TaskStatus:
@@ -435,7 +504,7 @@ def _step_ready(p: TaskProjection, event: StepReady) -> TaskProjection:
     view = p.step(event.step.id) or StepView(id=event.step.id, title=event.step.title)
     if view.attempt > event.attempt:
         return p  # a newer attempt is already under way
-    if view.attempt == event.attempt and view.status in {StepStatus.COMPLETED, StepStatus.FAILED}:
+    if view.attempt == event.attempt and view.status in _ATTEMPT_OVER:
         return p  # this attempt's result is already in
     view = replace(view, title=event.step.title, status=StepStatus.RUNNING, attempt=event.attempt)
     return replace(_with_step(p, view), status=_moved(p.status, TaskStatus.RUNNING))
@@ -443,7 +512,7 @@ def _step_ready(p: TaskProjection, event: StepReady) -> TaskProjection:
 
 def _step_result(
     p: TaskProjection,
-    event: StepCompleted | StepFailed,
+    event: StepCompleted | StepFailed | StepPaused,
     *,
     status: StepStatus,
     output: str | None,
@@ -540,12 +609,28 @@ class Found:
 
 
 @dataclass(frozen=True)
+class TaskSpend:
+    """One task of a cost report and what it spent."""
+
+    task_id: str
+    goal: str
+    status: TaskStatus
+    created_at: datetime
+    usage: Usage
+
+
+@dataclass(frozen=True)
 class CostReport:
-    """Spend over a time range: task count, per-model sums (ModelUsage fields), top tasks."""
+    """Spend over a time range: task count, per-model sums (ModelUsage fields), top tasks.
+
+    A task's spend is the sum of its recorded LLM calls (``LLMCalled``: every call of
+    the planner and the executors, as soon as it is made); a task without any recorded
+    call (stored before memory kept them) counts the usage its lifecycle events reported.
+    """
 
     tasks: int
     by_model: dict[str, dict[str, Any]]
-    costliest: list[TaskProjection]
+    costliest: list[TaskSpend]
 
     def model_usage(self) -> dict[str, ModelUsage]:
         return {

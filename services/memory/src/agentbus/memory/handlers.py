@@ -249,13 +249,13 @@ async def answer_costs(db: Database | None, request: CostsRequest) -> CostsReply
         by_model=report.model_usage(),
         by_task=[
             TaskCost(
-                task_id=p.task_id,
-                goal=p.goal,
-                status=p.status,
-                created_at=p.created_at,
-                usage=p.usage,
+                task_id=t.task_id,
+                goal=t.goal,
+                status=t.status,
+                created_at=t.created_at,
+                usage=t.usage,
             )
-            for p in report.costliest
+            for t in report.costliest
         ],
     )
 

@@ -1,4 +1,5 @@
-"""Postgres: start-up (retries, migrations, pool), the event log and task projections.
+"""Postgres: start-up (retries, migrations, pool), the event log, task projections and
+the record of LLM calls.
 
 The only module that imports asyncpg. Logic lives in ``agentbus.memory.domain``; this
 module reads and writes rows and keeps each event's effects in one transaction.
@@ -28,7 +29,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from agentbus.contracts import EVENT_TYPES, Event, StoredEvent, parse_event
+from agentbus.contracts import Event, LLMCalled, StoredEvent, TaskStatus, Usage, parse_event
 
 from .. import domain
 from ..domain import EventRecord, TaskProjection
@@ -236,7 +237,8 @@ class Database:
         return stored
 
     async def record_batch(self, items: Sequence[domain.Incoming]) -> list[bool]:
-        """Store events and fold them into their tasks, all in one transaction.
+        """Store events, fold them into their tasks and keep each LLM call as a row of
+        ``llm_calls``, all in one transaction.
 
         Returns, per item, whether it was stored now (False: already stored, a
         redelivery; then it changes nothing, so its usage is never counted twice).
@@ -258,15 +260,22 @@ class Database:
                 }
                 stored: list[bool] = []
                 fresh: dict[str, list[tuple[int, Event]]] = {}
+                calls: list[LLMCalled] = []
                 for item in items:
                     event_id = item.record.event_id
                     new = event_id in inserted
                     inserted.discard(event_id)  # the same event twice in one batch: once
                     stored.append(new)
-                    if new and item.event is not None:
+                    if not new or item.event is None:
+                        continue
+                    if isinstance(item.event, LLMCalled):
+                        calls.append(item.event)
+                    if domain.changes_projection(item.event):
                         fresh.setdefault(item.record.task_id, []).append(
                             (item.record.stream_seq, item.event)
                         )
+                if calls:
+                    await conn.execute(_INSERT_LLM_CALLS, *_call_columns(calls))
                 if fresh:
                     await _project_batch(conn, fresh)
         except _OUTAGE as exc:
@@ -401,7 +410,11 @@ class Database:
     async def costs(
         self, *, since: datetime | None, until: datetime | None, top_tasks: int
     ) -> domain.CostReport:
-        """LLM spend of the tasks submitted in [since, until): totals, by model, by task."""
+        """LLM spend of the tasks submitted in [since, until): totals, by model, by task.
+
+        Per task: the sum of its rows in ``llm_calls`` when it has any (every call of the
+        planner and the executors), else the usage in its projection (see ``_SPEND``).
+        """
         try:
             async with (
                 self._pool.acquire(timeout=10) as conn,
@@ -415,7 +428,16 @@ class Database:
         return domain.CostReport(
             tasks=int(count),
             by_model={r["model"]: dict(r) for r in by_model},
-            costliest=[TaskProjection.from_row(r) for r in top],
+            costliest=[
+                domain.TaskSpend(
+                    task_id=r["task_id"],
+                    goal=r["goal"],
+                    status=TaskStatus(r["status"]),
+                    created_at=r["created_at"],
+                    usage=Usage.model_validate(r["usage"]),
+                )
+                for r in top
+            ],
         )
 
     # --- reads -----------------------------------------------------------------------
@@ -451,6 +473,17 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
 
+_INSERT_LLM_CALLS = """
+INSERT INTO llm_calls (event_id, task_id, step_id, role, conversation, model,
+                       prompt_tokens, completion_tokens, cached_tokens, cost_usd,
+                       reserved_tokens, reserved_cost_usd, duration_ms, occurred_at)
+SELECT *
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::bigint[], $8::bigint[], $9::bigint[], $10::float8[],
+            $11::bigint[], $12::float8[], $13::float8[], $14::timestamptz[])
+ON CONFLICT (event_id) DO NOTHING
+"""
+
 _TASK_EVENTS = """
 SELECT stream_seq, event_id, type, occurred_at, payload
 FROM events
@@ -458,6 +491,8 @@ WHERE task_id = $1
 ORDER BY stream_seq NULLS LAST, occurred_at
 """
 
+# The stored events of a task that change its projection (LLM calls, often the most,
+# do not), for a replay.
 _KNOWN_TASK_EVENTS = """
 SELECT stream_seq, payload
 FROM events
@@ -477,6 +512,8 @@ _TASK_COLUMNS = (
     "created_at",
     "updated_at",
     "last_seq",
+    "approvals",
+    "paused_round",
 )
 
 _SELECT_TASK = f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks WHERE task_id = $1"  # noqa: S608
@@ -537,26 +574,89 @@ LIMIT $4
 
 _COUNT_TASKS = f"SELECT count(*) FROM tasks WHERE {_IN_RANGE}"  # noqa: S608
 
-_COSTS_BY_MODEL = f"""
-SELECT m.key AS model,
-       sum((m.value->>'prompt_tokens')::bigint)     AS prompt_tokens,
-       sum((m.value->>'completion_tokens')::bigint) AS completion_tokens,
-       sum((m.value->>'cached_tokens')::bigint)     AS cached_tokens,
-       sum((m.value->>'calls')::bigint)             AS calls,
-       sum((m.value->>'cost_usd')::float8)          AS cost_usd
-FROM tasks, jsonb_each(usage->'by_model') AS m
-WHERE {_IN_RANGE}
-GROUP BY m.key
-ORDER BY m.key
+# Spend per task and model of the tasks submitted in range. A task's LLM calls are the
+# complete record: every call of the planner and the executors, as soon as it is made.
+# Its projection's usage counts a plan or a step attempt only once it is done (and
+# nothing of a planning call that a budget pause interrupted); it stands in only for
+# tasks with no recorded call, stored before memory kept them.
+_SPEND = f"""
+in_range AS (SELECT task_id, usage FROM tasks WHERE {_IN_RANGE}),
+spend AS (
+    SELECT c.task_id, c.model,
+           sum(c.prompt_tokens)     AS prompt_tokens,
+           sum(c.completion_tokens) AS completion_tokens,
+           sum(c.cached_tokens)     AS cached_tokens,
+           count(*)                 AS calls,
+           sum(c.cost_usd)          AS cost_usd
+    FROM llm_calls AS c JOIN in_range AS t USING (task_id)
+    GROUP BY c.task_id, c.model
+    UNION ALL
+    SELECT t.task_id, m.key,
+           coalesce((m.value->>'prompt_tokens')::bigint, 0),
+           coalesce((m.value->>'completion_tokens')::bigint, 0),
+           coalesce((m.value->>'cached_tokens')::bigint, 0),
+           coalesce((m.value->>'calls')::bigint, 0),
+           coalesce((m.value->>'cost_usd')::float8, 0)
+    FROM in_range AS t, jsonb_each(t.usage->'by_model') AS m
+    WHERE NOT EXISTS (SELECT 1 FROM llm_calls AS c WHERE c.task_id = t.task_id)
+)
 """  # noqa: S608 - constant fragments only
 
+_COSTS_BY_MODEL = f"""
+WITH {_SPEND}
+SELECT model,
+       sum(prompt_tokens)     AS prompt_tokens,
+       sum(completion_tokens) AS completion_tokens,
+       sum(cached_tokens)     AS cached_tokens,
+       sum(calls)             AS calls,
+       sum(cost_usd)          AS cost_usd
+FROM spend
+GROUP BY model
+ORDER BY model
+"""  # noqa: S608 - constant fragments only
+
+# Usage as contracts.Usage JSON ({"by_model": {model: ModelUsage}}); tasks that spent
+# nothing are listed too, after the others.
 _COSTLIEST_TASKS = f"""
-SELECT {", ".join(_TASK_COLUMNS)} FROM tasks
-WHERE {_IN_RANGE}
-ORDER BY (SELECT coalesce(sum((m.value->>'cost_usd')::float8), 0)
-          FROM jsonb_each(usage->'by_model') AS m) DESC, created_at DESC
+WITH {_SPEND},
+per_task AS (
+    SELECT task_id,
+           sum(cost_usd) AS cost_usd,
+           jsonb_object_agg(model, jsonb_build_object(
+               'prompt_tokens', prompt_tokens,
+               'completion_tokens', completion_tokens,
+               'cached_tokens', cached_tokens,
+               'calls', calls,
+               'cost_usd', cost_usd)) AS by_model
+    FROM spend
+    GROUP BY task_id
+)
+SELECT t.task_id, t.goal, t.status, t.created_at,
+       jsonb_build_object('by_model', coalesce(p.by_model, '{{}}'::jsonb)) AS usage
+FROM tasks AS t JOIN in_range USING (task_id) LEFT JOIN per_task AS p USING (task_id)
+ORDER BY coalesce(p.cost_usd, 0) DESC, t.created_at DESC
 LIMIT $3
 """  # noqa: S608 - constant fragments only
+
+
+def _call_columns(calls: Sequence[LLMCalled]) -> list[list[Any]]:
+    """The ``llm_calls`` rows column by column, for ``unnest``."""
+    return [
+        [c.event_id for c in calls],
+        [c.task_id for c in calls],
+        [c.step_id for c in calls],
+        [c.role for c in calls],
+        [c.conversation for c in calls],
+        [c.model for c in calls],
+        [c.usage.prompt_tokens for c in calls],
+        [c.usage.completion_tokens for c in calls],
+        [c.usage.cached_tokens for c in calls],
+        [c.usage.cost_usd for c in calls],
+        [c.reserved_tokens for c in calls],
+        [c.reserved_cost_usd for c in calls],
+        [c.duration_ms for c in calls],
+        [c.occurred_at for c in calls],
+    ]
 
 
 def _columns(records: Sequence[EventRecord]) -> list[list[Any]]:
@@ -604,7 +704,7 @@ async def _load_projection(conn: asyncpg.Connection, task_id: str) -> TaskProjec
 
 
 async def _known_history(conn: asyncpg.Connection, task_id: str) -> list[tuple[int, Event]]:
-    rows = await conn.fetch(_KNOWN_TASK_EVENTS, task_id, list(EVENT_TYPES))
+    rows = await conn.fetch(_KNOWN_TASK_EVENTS, task_id, sorted(domain.PROJECTED_TYPES))
     history: list[tuple[int, Event]] = []
     for row in rows:
         try:
