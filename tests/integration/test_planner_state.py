@@ -23,7 +23,7 @@ async def test_concurrent_writers_never_lose_or_double_an_update(nats_url: str) 
         plan = Plan(steps=[PlanStep(id=f"s{i}", title="t", instructions="i") for i in range(20)])
 
         def create(current: TaskState | None) -> TaskState | None:
-            state = domain.new_state(submitted)
+            state = domain.new_state(submitted, submitted.budget)
             state.start(plan, Usage())
             return state
 
@@ -37,7 +37,7 @@ async def test_concurrent_writers_never_lose_or_double_an_update(nats_url: str) 
             def apply(current: TaskState | None) -> TaskState | None:
                 if current is None or current.was_applied(event):
                     return None
-                current.step_completed(event, domain.now())
+                current.step_completed(event)
                 current.mark_applied(event)
                 return current
 

@@ -1,17 +1,23 @@
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
 from agentbus.contracts import (
     Budget,
+    BudgetExhausted,
+    BudgetFigure,
+    BudgetKind,
     ModelUsage,
+    OnBudget,
     Plan,
     PlanStep,
     StepCompleted,
     StepFailed,
+    StepPaused,
     StepReady,
+    TaskApproved,
     TaskSubmitted,
     Usage,
     parse_event,
@@ -26,7 +32,7 @@ def plan(*steps: tuple[str, list[str]]) -> Plan:
 
 def started(p: Plan, budget: Budget | None = None) -> domain.TaskState:
     event = TaskSubmitted(task_id="tsk_1", goal="goal", budget=budget or Budget())
-    state = domain.new_state(event)
+    state = domain.new_state(event, event.budget)
     state.start(p, Usage())
     return state
 
@@ -45,9 +51,9 @@ def test_start_publishes_plan_and_dispatches_only_ready_steps() -> None:
 def test_dependent_step_waits_for_all_deps_and_gets_their_outputs() -> None:
     state = started(plan(("a", []), ("b", []), ("c", ["a", "b"])))
     state.outbox.clear()
-    state.step_completed(StepCompleted(task_id="tsk_1", step_id="a", output="A!"), domain.now())
+    state.step_completed(StepCompleted(task_id="tsk_1", step_id="a", output="A!"))
     assert state.outbox == []
-    state.step_completed(StepCompleted(task_id="tsk_1", step_id="b", output="B!"), domain.now())
+    state.step_completed(StepCompleted(task_id="tsk_1", step_id="b", output="B!"))
     (ready,) = state.pending_events()
     assert isinstance(ready, StepReady)
     assert ready.step.id == "c"
@@ -61,7 +67,6 @@ def test_all_steps_done_moves_to_finishing_then_complete_emits_answer() -> None:
         StepCompleted(
             task_id="tsk_1", step_id="a", output="x", usage=usage, workspace_files=["f.txt"]
         ),
-        domain.now(),
     )
     assert state.phase is TaskPhase.FINISHING
     state.outbox.clear()
@@ -76,11 +81,11 @@ def test_all_steps_done_moves_to_finishing_then_complete_emits_answer() -> None:
 def test_repeated_completion_changes_nothing() -> None:
     state = started(plan(("a", []), ("b", ["a"])))
     event = StepCompleted(task_id="tsk_1", step_id="a", output="x")
-    state.step_completed(event, domain.now())
+    state.step_completed(event)
     state.mark_applied(event)
     before = state.model_dump()
     assert state.was_applied(event)
-    state.step_completed(StepCompleted(task_id="tsk_1", step_id="a", output="other"), domain.now())
+    state.step_completed(StepCompleted(task_id="tsk_1", step_id="a", output="other"))
     assert state.model_dump() == before
 
 
@@ -98,7 +103,7 @@ def test_failed_step_fails_task_with_reason_when_replanning_is_off() -> None:
 def failed_midway() -> domain.TaskState:
     """a done, b running, c failed, d pending (after c)."""
     state = started(plan(("a", []), ("b", []), ("c", []), ("d", ["c"])))
-    state.step_completed(StepCompleted(task_id="tsk_1", step_id="a", output="A!"), domain.now())
+    state.step_completed(StepCompleted(task_id="tsk_1", step_id="a", output="A!"))
     state.step_failed(StepFailed(task_id="tsk_1", step_id="c", error="no such module"))
     state.outbox.clear()
     return state
@@ -162,27 +167,99 @@ def test_replan_limit_then_fail() -> None:
 
 def test_completion_during_replanning_is_recorded_but_dispatches_nothing() -> None:
     state = failed_midway()
-    state.step_completed(StepCompleted(task_id="tsk_1", step_id="b", output="B!"), domain.now())
+    state.step_completed(StepCompleted(task_id="tsk_1", step_id="b", output="B!"))
     assert state.outbox == []
     assert state.steps["b"].output == "B!"
     assert state.phase is TaskPhase.REPLANNING
 
 
-def test_budget_overrun_fails_task() -> None:
-    state = started(plan(("a", []), ("b", ["a"])), Budget(max_tokens=100))
-    state.outbox.clear()
-    usage = Usage.of("m", ModelUsage(prompt_tokens=90, completion_tokens=20, calls=1))
-    state.step_completed(
-        StepCompleted(task_id="tsk_1", step_id="a", output="x", usage=usage), domain.now()
-    )
-    assert types(state) == ["task.failed"]
-    assert "token budget exceeded: used 110 of 100" in state.reason
-
-
-def test_wall_time_limit() -> None:
+def test_wall_time_limit_excludes_time_awaiting_approval() -> None:
     state = started(plan(("a", [])), Budget(max_wall_seconds=5))
-    assert state.budget_problem(state.submitted_at + timedelta(seconds=1)) is None
-    assert "time limit" in (state.budget_problem(state.submitted_at + timedelta(seconds=6)) or "")
+    t0 = state.submitted_at
+    assert not state.over_time(t0 + timedelta(seconds=1))
+    assert state.over_time(t0 + timedelta(seconds=6))
+    state.budget_exhausted(exhausted(t0 + timedelta(seconds=100)), t0 + timedelta(seconds=2))
+    assert not state.over_time(t0 + timedelta(seconds=50))  # waiting: the clock stops
+    state.approved(TaskApproved(task_id="tsk_1"), t0 + timedelta(seconds=52))
+    assert not state.over_time(t0 + timedelta(seconds=54))  # 2 s + 2 s ran
+    assert state.over_time(t0 + timedelta(seconds=56))
+    assert state.next_deadline() == t0 + timedelta(seconds=55)
+
+
+def exhausted(
+    deadline: datetime, action: OnBudget = OnBudget.PAUSE, rnd: int = 0
+) -> BudgetExhausted:
+    return BudgetExhausted(
+        task_id="tsk_1",
+        figure=BudgetFigure(kind=BudgetKind.COST, used=0.9, limit=1.0),
+        needed=0.2,
+        reason="cost budget exhausted; waiting for approval: agentbus approve",
+        action=action,
+        approval_deadline=deadline,
+        round=rnd,
+    )
+
+
+def test_exhausted_budget_pauses_and_approval_resumes_the_paused_step() -> None:
+    state = started(plan(("a", []), ("b", [])))
+    state.outbox.clear()
+    now = domain.now()
+    state.budget_exhausted(exhausted(now + timedelta(hours=1)), now)
+    assert state.phase is TaskPhase.AWAITING_APPROVAL
+    state.step_paused(StepPaused(task_id="tsk_1", step_id="a", reason="r", attempt=1))
+    state.step_completed(StepCompleted(task_id="tsk_1", step_id="b", output="B!"))
+    assert state.outbox == []  # nothing is dispatched while waiting
+    state.approved(TaskApproved(task_id="tsk_1", add_cost_usd=1), now + timedelta(minutes=5))
+    assert state.phase is TaskPhase.RUNNING
+    (ready,) = state.pending_events()
+    assert isinstance(ready, StepReady)
+    assert (ready.step.id, ready.attempt) == ("a", 2)
+    assert state.paused_seconds == pytest.approx(300)
+
+
+def test_stale_exhaustion_after_an_approval_is_ignored() -> None:
+    state = started(plan(("a", [])))
+    now = domain.now()
+    state.approved(TaskApproved(task_id="tsk_1", add_cost_usd=1), now)  # round 1
+    state.budget_exhausted(exhausted(now, rnd=0), now)
+    assert state.phase is TaskPhase.RUNNING
+
+
+def test_fail_policy_fails_the_task_with_the_reason() -> None:
+    state = started(plan(("a", [])))
+    state.outbox.clear()
+    state.budget_exhausted(exhausted(domain.now(), OnBudget.FAIL), domain.now())
+    assert types(state) == ["task.failed"]
+    assert "cost budget exhausted" in state.reason
+
+
+def test_approval_timeout_fails_the_task_only_after_the_deadline() -> None:
+    state = started(plan(("a", [])))
+    state.outbox.clear()
+    now = domain.now()
+    state.budget_exhausted(exhausted(now + timedelta(seconds=30)), now)
+    state.approval_timed_out(now + timedelta(seconds=29))
+    assert state.phase is TaskPhase.AWAITING_APPROVAL
+    state.approval_timed_out(now + timedelta(seconds=31))
+    assert types(state) == ["task.failed"]
+    assert "no approval came within 31 s" in state.reason
+    assert "cost budget exhausted" in state.reason
+
+
+def test_a_failure_while_waiting_is_re_planned_after_approval() -> None:
+    state = started(plan(("a", []), ("b", [])), Budget(max_replans=1))
+    now = domain.now()
+    state.budget_exhausted(exhausted(now + timedelta(hours=1)), now)
+    state.step_failed(StepFailed(task_id="tsk_1", step_id="b", error="boom"))
+    assert state.phase is TaskPhase.AWAITING_APPROVAL
+    state.approved(TaskApproved(task_id="tsk_1"), now)
+    assert state.phase is TaskPhase.REPLANNING
+
+
+def test_the_prompt_states_the_budget_left() -> None:
+    (_, user) = domain.plan_messages("g", Budget(), "$0.0400 left of $0.0500")
+    assert "Budget left for this task: $0.0400 left of $0.0500" in user[1]
+    assert "Budget" not in domain.plan_messages("g", Budget())[1][1]
 
 
 def test_outbox_events_have_deterministic_ids() -> None:
@@ -222,3 +299,15 @@ def test_parse_plan_enforces_step_budget() -> None:
     steps = ",".join(f'{{"id": "s{i}", "title": "t", "instructions": "i"}}' for i in range(5))
     with pytest.raises(PlanError, match="at most 3"):
         parse_plan(f'{{"steps": [{steps}]}}', Budget(max_steps=3))
+
+
+def test_a_step_paused_before_the_pause_reached_the_planner_waits_for_the_approval() -> None:
+    state = started(plan(("a", [])))
+    state.outbox.clear()
+    state.step_paused(StepPaused(task_id="tsk_1", step_id="a", reason="r", attempt=1))
+    assert state.outbox == []  # not sent out again while the budget may still be paused
+    assert state.has_paused_steps()
+    state.approved(TaskApproved(task_id="tsk_1", add_cost_usd=1), domain.now())
+    (ready,) = state.pending_events()  # approved before BudgetExhausted came: it goes on
+    assert isinstance(ready, StepReady)
+    assert ready.attempt == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -19,13 +19,17 @@ from pydantic import BaseModel, Field, ValidationError
 
 from agentbus.contracts import (
     Budget,
+    BudgetExhausted,
     Event,
+    OnBudget,
     Plan,
     PlanCreated,
     PlanStep,
     StepCompleted,
     StepFailed,
+    StepPaused,
     StepReady,
+    TaskApproved,
     TaskCancelled,
     TaskCompleted,
     TaskFailed,
@@ -40,9 +44,11 @@ _APPLIED_KEEP = 500
 
 
 class TaskPhase(StrEnum):
+    PLANNING = "planning"  # the first plan is being made
     RUNNING = "running"
     REPLANNING = "replanning"  # a step failed; a new plan for the rest is being made
     FINISHING = "finishing"  # every step done; the answer is being written
+    AWAITING_APPROVAL = "awaiting_approval"  # a budget ran out; waiting for more
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -54,6 +60,7 @@ TERMINAL = {TaskPhase.COMPLETED, TaskPhase.FAILED, TaskPhase.CANCELLED}
 class StepStatus(StrEnum):
     PENDING = "pending"
     DISPATCHED = "dispatched"
+    PAUSED = "paused"  # stopped by an exhausted budget; resumes after approval
     COMPLETED = "completed"
     FAILED = "failed"
 
@@ -71,7 +78,13 @@ class TaskState(BaseModel):
     goal: str
     budget: Budget
     submitted_at: datetime
-    phase: TaskPhase = TaskPhase.RUNNING
+    phase: TaskPhase = TaskPhase.PLANNING
+    resume_phase: TaskPhase | None = Field(None, description="Phase to resume after approval.")
+    paused_at: datetime | None = None
+    paused_seconds: float = Field(0, description="Time spent awaiting approval so far.")
+    approval_deadline: datetime | None = None
+    approvals: int = Field(0, description="Approvals applied (the ledger's round).")
+    exhausted_reason: str = ""
     revision: int = 0
     steps: dict[str, StepState] = Field(default_factory=dict)
     usage: Usage = Field(default_factory=Usage)
@@ -100,7 +113,8 @@ class TaskState(BaseModel):
         return [
             s
             for s in self.steps.values()
-            if s.status is StepStatus.PENDING and set(s.step.depends_on) <= done
+            if s.status in {StepStatus.PENDING, StepStatus.PAUSED}
+            and set(s.step.depends_on) <= done
         ]
 
     def all_done(self) -> bool:
@@ -111,17 +125,29 @@ class TaskState(BaseModel):
     def pending_events(self) -> list[Event]:
         return [parse_event(raw) for raw in self.outbox]
 
-    def budget_problem(self, now: datetime) -> str | None:
-        total = self.usage.total
-        b = self.budget
-        if b.max_tokens is not None and total.total_tokens > b.max_tokens:
-            return f"token budget exceeded: used {total.total_tokens} of {b.max_tokens} tokens"
-        if b.max_cost_usd is not None and total.cost_usd > b.max_cost_usd:
-            return f"cost budget exceeded: spent ${total.cost_usd:.4f} of ${b.max_cost_usd:.4f}"
-        elapsed = (now - self.submitted_at).total_seconds()
-        if elapsed > b.max_wall_seconds:
-            return f"time limit exceeded: {elapsed:.0f}s of {b.max_wall_seconds:.0f}s"
-        return None
+    def elapsed_s(self, now: datetime) -> float:
+        """Wall-clock time the task has run; time awaiting approval does not count."""
+        waiting = (now - self.paused_at).total_seconds() if self.paused_at else 0.0
+        return (now - self.submitted_at).total_seconds() - self.paused_seconds - waiting
+
+    def over_time(self, now: datetime) -> bool:
+        return self.active and self.elapsed_s(now) > self.budget.max_wall_seconds
+
+    @property
+    def active(self) -> bool:
+        """Working (not finished, not waiting for approval)."""
+        return not self.terminal and self.phase is not TaskPhase.AWAITING_APPROVAL
+
+    def next_deadline(self) -> datetime | None:
+        """When the planner must look at the task again if nothing happens: the approval
+        deadline while waiting, the end of the time budget while working."""
+        if self.terminal:
+            return None
+        if self.phase is TaskPhase.AWAITING_APPROVAL:
+            return self.approval_deadline
+        return self.submitted_at + timedelta(
+            seconds=self.budget.max_wall_seconds + self.paused_seconds
+        )
 
     # --- transitions ---------------------------------------------------------------
 
@@ -136,6 +162,9 @@ class TaskState(BaseModel):
 
     def start(self, plan: Plan, usage: Usage) -> None:
         """Record the plan and dispatch every step whose dependencies are met."""
+        if self.phase is not TaskPhase.PLANNING:
+            return
+        self.phase = TaskPhase.RUNNING
         self.revision += 1
         self.steps = {s.id: StepState(step=s) for s in plan.steps}
         self.usage = self.usage + usage
@@ -151,6 +180,8 @@ class TaskState(BaseModel):
         self._dispatch_ready()
 
     def _dispatch_ready(self) -> None:
+        if self.phase is not TaskPhase.RUNNING:
+            return
         for state in self.ready_steps():
             state.status = StepStatus.DISPATCHED
             state.attempt += 1
@@ -166,7 +197,7 @@ class TaskState(BaseModel):
                 )
             )
 
-    def step_completed(self, event: StepCompleted, now: datetime) -> None:
+    def step_completed(self, event: StepCompleted) -> None:
         state = self.steps.get(event.step_id)
         if self.terminal or state is None or state.status is StepStatus.COMPLETED:
             return
@@ -175,12 +206,14 @@ class TaskState(BaseModel):
         self.usage = self.usage + event.usage
         if event.workspace_files:
             self.workspace_files = sorted(set(self.workspace_files) | set(event.workspace_files))
-        problem = self.budget_problem(now)
-        if problem:
-            self.fail(problem)
-        elif self.phase is not TaskPhase.RUNNING:
-            return  # re-planning: the new plan decides what runs next
-        elif self.all_done():
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """Running: finish when every step is done, else dispatch what is ready. Other
+        phases decide themselves what runs next (a re-plan, an approval)."""
+        if self.phase is not TaskPhase.RUNNING:
+            return
+        if self.all_done():
             self.phase = TaskPhase.FINISHING
         else:
             self._dispatch_ready()
@@ -194,21 +227,87 @@ class TaskState(BaseModel):
         self.usage = self.usage + event.usage
         failure = f"step {event.step_id} ({state.step.title}) failed: {event.error}"
         self.failures.append(failure)
-        if self.phase is TaskPhase.REPLANNING:
-            return  # the re-plan under way will see this failure too
+        waiting = self.phase is TaskPhase.AWAITING_APPROVAL
+        if (self.resume_phase if waiting else self.phase) is TaskPhase.REPLANNING:
+            return  # the re-plan under way (or to resume) will see this failure too
         if self.replans >= self.budget.max_replans:
             limit = self.budget.max_replans
             after = f" after {limit} re-plan(s)" if limit else " (re-planning is off)"
             self.fail(failure + after)
             return
-        self.phase = TaskPhase.REPLANNING
+        if waiting:
+            self.resume_phase = TaskPhase.REPLANNING
+        else:
+            self.phase = TaskPhase.REPLANNING
+
+    def step_paused(self, event: StepPaused) -> None:
+        """The step stopped for lack of budget; it is dispatched again (and resumes its
+        checkpointed dialogue) once the task is approved (see :meth:`resume_paused`)."""
+        state = self.steps.get(event.step_id)
+        if self.terminal or state is None or state.status is not StepStatus.DISPATCHED:
+            return
+        if event.attempt != state.attempt:
+            return
+        state.status = StepStatus.PAUSED
+        self.usage = self.usage + event.usage
+
+    def has_paused_steps(self) -> bool:
+        return any(s.status is StepStatus.PAUSED for s in self.steps.values())
+
+    def resume_paused(self) -> None:
+        """The budget is open again (an approval came first): dispatch paused steps."""
+        self._go_on()
+
+    def budget_exhausted(self, event: BudgetExhausted, now: datetime) -> None:
+        if self.terminal or event.round < self.approvals:
+            return  # finished, or an approval already answered this exhaustion
+        if event.action is OnBudget.FAIL:
+            self.fail(event.reason)
+            return
+        self.exhausted_reason = event.reason
+        if self.phase is TaskPhase.AWAITING_APPROVAL:
+            return
+        self.resume_phase = self.phase
+        self.phase = TaskPhase.AWAITING_APPROVAL
+        self.paused_at = now
+        self.approval_deadline = event.approval_deadline
+
+    def approved(self, event: TaskApproved, now: datetime) -> None:
+        """More budget: resume what was paused, where it stopped."""
+        if self.terminal:
+            return
+        self.approvals += 1
+        if event.add_wall_seconds:
+            self.budget = self.budget.model_copy(
+                update={"max_wall_seconds": self.budget.max_wall_seconds + event.add_wall_seconds}
+            )
+        if self.phase is not TaskPhase.AWAITING_APPROVAL:
+            self._go_on()  # approved before the pause reached us: paused steps go on
+            return
+        if self.paused_at is not None:
+            self.paused_seconds += max(0.0, (now - self.paused_at).total_seconds())
+        self.phase = self.resume_phase or TaskPhase.RUNNING
+        self.resume_phase = None
+        self.paused_at = None
+        self.approval_deadline = None
+        self._go_on()
+
+    def approval_timed_out(self, now: datetime) -> None:
+        deadline = self.approval_deadline
+        if self.phase is not TaskPhase.AWAITING_APPROVAL or deadline is None or now < deadline:
+            return
+        waited = (now - self.paused_at).total_seconds() if self.paused_at else 0.0
+        self.fail(
+            f"{self.exhausted_reason.split('; waiting for approval')[0]}; "
+            f"no approval came within {waited:.0f} s, so the task stopped"
+        )
 
     def kept_steps(self) -> list[StepState]:
         """Steps a new plan keeps: those done and those still running."""
         return [
             s
             for s in self.steps.values()
-            if s.status in {StepStatus.COMPLETED, StepStatus.DISPATCHED}
+            if s.status in {StepStatus.COMPLETED, StepStatus.DISPATCHED, StepStatus.PAUSED}
         ]
 
     def used_ids(self) -> set[str]:
@@ -285,16 +384,11 @@ class TaskState(BaseModel):
         )
 
 
-def new_state(event: TaskSubmitted) -> TaskState:
+def new_state(event: TaskSubmitted, budget: Budget) -> TaskState:
+    """A submitted task, to be planned, with its effective budget."""
     return TaskState(
-        task_id=event.task_id, goal=event.goal, budget=event.budget, submitted_at=event.occurred_at
+        task_id=event.task_id, goal=event.goal, budget=budget, submitted_at=event.occurred_at
     )
-
-
-def failed_before_planning(event: TaskSubmitted, reason: str, usage: Usage) -> TaskState:
-    state = new_state(event)
-    state.fail(reason, usage)
-    return state
 
 
 # --- prompts -----------------------------------------------------------------------
@@ -328,17 +422,29 @@ Write the final answer for the user from the step results: state the result plai
 name the files produced, and keep it short."""
 
 
-def plan_messages(goal: str, budget: Budget) -> list[tuple[str, str]]:
+def budget_note(remaining: str) -> str:
+    """What the planner tells the model of the budget left, so it plans within it."""
+    if not remaining:
+        return ""
+    return (
+        f"\nBudget left for this task: {remaining}. Every step costs LLM calls: "
+        "plan no more steps than the budget allows."
+    )
+
+
+def plan_messages(goal: str, budget: Budget, remaining: str = "") -> list[tuple[str, str]]:
     return [
         ("system", PLAN_SYSTEM.replace("{max_steps}", str(budget.max_steps))),
-        ("user", f"Task: {goal}"),
+        ("user", f"Task: {goal}{budget_note(remaining)}"),
     ]
 
 
-def replan_messages(state: TaskState) -> list[tuple[str, str]]:
-    lines = [f"Task: {state.goal}", ""]
+def replan_messages(state: TaskState, remaining: str = "") -> list[tuple[str, str]]:
+    lines = [f"Task: {state.goal}{budget_note(remaining)}", ""]
     done = [s for s in state.kept_steps() if s.status is StepStatus.COMPLETED]
-    running = [s for s in state.kept_steps() if s.status is StepStatus.DISPATCHED]
+    running = [
+        s for s in state.kept_steps() if s.status in {StepStatus.DISPATCHED, StepStatus.PAUSED}
+    ]
     if done:
         lines += ["Steps done:"] + [f"[{s.step.id}] {s.step.title}: {s.output}" for s in done]
     if running:

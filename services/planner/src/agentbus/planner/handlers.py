@@ -1,30 +1,44 @@
-"""Planner handlers: parse, call the domain, save state (CAS), publish the outbox."""
+"""Planner handlers: parse, call the domain, save state (CAS), publish the outbox.
+
+The planner enforces each task's budgets: it opens the task's ledger (shared with the
+executors, who reserve from it before every LLM call), pauses the task when a budget
+runs out and resumes it on approval, and watches deadlines (the time budget, the wait
+for approval) with a sweeper every replica runs."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
 from faststream.nats import NatsBroker, NatsMessage
 
 from agentbus.contracts import (
+    BudgetExhausted,
+    BudgetKind,
     Event,
-    Plan,
     StepCompleted,
     StepFailed,
+    StepPaused,
+    TaskApproved,
     TaskCancelRequested,
     TaskSubmitted,
     Usage,
     subjects,
 )
+from agentbus.core.budget import BudgetLedger, Ledger, LedgerStatus, Limits, Spend
 from agentbus.core.bus import event_subscriber, keep_in_progress, publish_event
 from agentbus.core.llm import ChatRequest, LLMError, LLMProvider, Message
+from agentbus.core.llm.base import BudgetRefused
 from agentbus.core.settings import BusSettings, LLMSettings
 
 from . import domain
 from .adapters.state import TaskStore
+from .adapters.timers import TimerStore
+from .config import BudgetDefaults
 from .domain import TaskPhase, TaskState
 
 log = structlog.get_logger(__name__)
@@ -35,14 +49,29 @@ class PlannerDeps:
     broker: NatsBroker
     bus: BusSettings
     llm_settings: LLMSettings
+    defaults: BudgetDefaults = field(default_factory=BudgetDefaults)
     llm: LLMProvider | None = None
     store: TaskStore | None = None
+    ledger: BudgetLedger | None = None
+    timers: TimerStore | None = None
 
     @property
     def ready_store(self) -> TaskStore:
         if self.store is None:  # pragma: no cover - set in the start-up hook
             raise RuntimeError("planner state store is not open yet")
         return self.store
+
+    @property
+    def ready_ledger(self) -> BudgetLedger:
+        if self.ledger is None:  # pragma: no cover - set in the start-up hook
+            raise RuntimeError("budget ledger is not open yet")
+        return self.ledger
+
+    @property
+    def ready_timers(self) -> TimerStore:
+        if self.timers is None:  # pragma: no cover - set in the start-up hook
+            raise RuntimeError("timer store is not open yet")
+        return self.timers
 
     @property
     def ready_llm(self) -> LLMProvider:
@@ -101,6 +130,8 @@ async def ask_with_repair(
     for round_no in range(2):
         try:
             text, spent = await _ask(deps, conversation, messages, task_id)
+        except BudgetRefused:
+            raise  # the task pauses (or has ended): not a failure of planning
         except LLMError as exc:
             return None, usage, f"the LLM call failed: {exc}"
         usage = usage + spent
@@ -117,31 +148,57 @@ async def ask_with_repair(
     return None, usage, f"the LLM gave no valid plan after one repair: {error}"
 
 
-async def make_plan(deps: PlannerDeps, event: TaskSubmitted) -> tuple[Plan | None, Usage, str]:
+async def _remaining(deps: PlannerDeps, task_id: str) -> str:
+    ledger = await deps.ready_ledger.load(task_id)
+    return ledger.describe_remaining() if ledger else ""
+
+
+async def _plan(deps: PlannerDeps, state: TaskState) -> TaskState | None:
+    """Make the first plan and dispatch its first steps."""
+    remaining = await _remaining(deps, state.task_id)
     messages = [
-        Message(role=r, content=c) for r, c in domain.plan_messages(event.goal, event.budget)
+        Message(role=r, content=c)
+        for r, c in domain.plan_messages(state.goal, state.budget, remaining)
     ]
-    plan, usage, error = await ask_with_repair(
-        deps,
-        "planner/plan",
-        messages,
-        lambda text: domain.parse_plan(text, event.budget),
-        event.task_id,
-    )
-    return plan, usage, f"planning failed: {error}" if error else ""
+    try:
+        plan, usage, error = await ask_with_repair(
+            deps,
+            "planner/plan",
+            messages,
+            lambda text: domain.parse_plan(text, state.budget),
+            state.task_id,
+        )
+    except BudgetRefused:
+        return state  # BudgetExhausted moves the task to awaiting approval
+    log.info("planned", steps=len(plan.steps) if plan else 0, error=error or None)
+
+    def apply(current: TaskState | None) -> TaskState | None:
+        if current is None or current.phase is not TaskPhase.PLANNING:
+            return None
+        if plan is None:
+            current.fail(f"planning failed: {error}", usage)
+        else:
+            current.start(plan, usage)
+        return current
+
+    return await deps.ready_store.mutate(state.task_id, apply)
 
 
 async def _replan(deps: PlannerDeps, state: TaskState) -> TaskState | None:
     """Ask for a new plan for the rest of the work after a step failed."""
-    messages = [Message(role=r, content=c) for r, c in domain.replan_messages(state)]
+    remaining = await _remaining(deps, state.task_id)
+    messages = [Message(role=r, content=c) for r, c in domain.replan_messages(state, remaining)]
     revision = state.revision
-    steps, usage, error = await ask_with_repair(
-        deps,
-        f"planner/replan-{state.replans + 1}",
-        messages,
-        lambda text: domain.parse_replan(text, state),
-        state.task_id,
-    )
+    try:
+        steps, usage, error = await ask_with_repair(
+            deps,
+            f"planner/replan-{state.replans + 1}",
+            messages,
+            lambda text: domain.parse_replan(text, state),
+            state.task_id,
+        )
+    except BudgetRefused:
+        return state
 
     def apply(current: TaskState | None) -> TaskState | None:
         if current is None or current.phase is not TaskPhase.REPLANNING:
@@ -162,6 +219,8 @@ async def _finish(deps: PlannerDeps, state: TaskState) -> TaskState | None:
     messages = [Message(role=r, content=c) for r, c in domain.answer_messages(state)]
     try:
         answer, usage = await _ask(deps, "planner/answer", messages, state.task_id)
+    except BudgetRefused:
+        return state
     except LLMError as exc:
         reason = f"writing the final answer failed: the LLM call failed: {exc}"
 
@@ -182,29 +241,67 @@ async def _finish(deps: PlannerDeps, state: TaskState) -> TaskState | None:
     return await deps.ready_store.mutate(state.task_id, complete)
 
 
-async def start_task(deps: PlannerDeps, event: TaskSubmitted, msg: NatsMessage) -> None:
-    """Plan a new task and dispatch its first steps (idempotent on redelivery)."""
-    store = deps.ready_store
-    existing = await store.load(event.task_id)
-    if existing is not None:  # redelivery: the plan was made; make sure it went out
-        await _publish_outbox(deps, existing[0])
-        return
-    async with keep_in_progress(msg, every_s=deps.bus.ack_wait_s / 3):
-        plan, usage, error = await make_plan(deps, event)
+_WORK = {TaskPhase.PLANNING: _plan, TaskPhase.REPLANNING: _replan, TaskPhase.FINISHING: _finish}
 
-    def start(current: TaskState | None) -> TaskState | None:
+
+async def follow_up(deps: PlannerDeps, state: TaskState | None, msg: NatsMessage | None) -> None:
+    """Do what the task's phase needs (plan, re-plan, write the answer), publish the
+    outbox, then look after its budget and deadline. Safe to repeat: a replica that
+    crashed half-way is finished by whichever replica gets the event again."""
+    beat = keep_in_progress(msg, every_s=deps.bus.ack_wait_s / 3) if msg else None
+    async with beat or contextlib.nullcontext():
+        while state is not None and state.phase in _WORK:
+            phase = state.phase
+            state = await _WORK[phase](deps, state)
+            if state is not None and state.phase is phase:
+                break  # paused for approval: the approval resumes it
+    await _publish_outbox(deps, state)
+    if state is not None:
+        await _watch(deps, state)
+
+
+async def _watch(deps: PlannerDeps, state: TaskState) -> None:
+    """Close the ledger of a finished task; pause a task out of time; keep the task's
+    next deadline where the sweeper finds it."""
+    now = domain.now()
+    if state.terminal:
+        await deps.ready_ledger.close(state.task_id, f"the task has {state.phase.value}")
+    elif state.over_time(now):
+        limit = state.budget.max_wall_seconds
+        elapsed = state.elapsed_s(now)
+        flipped, ledger = await deps.ready_ledger.pause(
+            state.task_id,
+            BudgetKind.TIME,
+            elapsed,
+            limit,
+            f"time budget exhausted: {elapsed:.0f} s of {limit:.0f} s",
+        )
+        if flipped and ledger is not None:
+            await publish_event(deps.broker, ledger.exhausted_event(now))
+    await deps.ready_timers.set(state.task_id, state.next_deadline())
+
+
+async def start_task(deps: PlannerDeps, event: TaskSubmitted, msg: NatsMessage) -> None:
+    """Open the task's ledger, plan it and dispatch its first steps (idempotent)."""
+    budget = deps.defaults.apply(event.budget)
+    await deps.ready_ledger.create(
+        Ledger(
+            task_id=event.task_id,
+            limits=Limits.of(budget),
+            policy=budget.on_exhausted or deps.defaults.on_exhausted,
+            approval_timeout_s=budget.approval_timeout_s or deps.defaults.approval_timeout_s,
+        )
+    )
+
+    def create(current: TaskState | None) -> TaskState | None:
         if current is not None:
             return None
-        if plan is None:
-            return domain.failed_before_planning(event, error, usage)
-        state = domain.new_state(event)
-        state.start(plan, usage)
+        state = domain.new_state(event, budget)
         state.mark_applied(event)
         return state
 
-    state = await store.mutate(event.task_id, start)
-    log.info("planned", steps=len(plan.steps) if plan else 0, error=error or None)
-    await _publish_outbox(deps, state)
+    state = await deps.ready_store.mutate(event.task_id, create)
+    await follow_up(deps, state, msg)
 
 
 async def advance(
@@ -213,11 +310,7 @@ async def advance(
     msg: NatsMessage,
     transition: Callable[[TaskState], None],
 ) -> None:
-    """Apply one event to its task (once), then do what the new phase needs: re-plan
-    after a failure, write the answer when every step is done; publish the outbox.
-
-    A redelivered event finds itself applied and just resumes the follow-up, so a
-    planner that crashed half-way is finished by whichever replica gets the event."""
+    """Apply one event to its task (once), then do what the new phase needs."""
 
     def apply(current: TaskState | None) -> TaskState | None:
         if current is None or current.was_applied(event):
@@ -230,12 +323,90 @@ async def advance(
     if state is None:
         log.warning("event for a task this planner does not know", event_type=event.event_type)
         return
-    async with keep_in_progress(msg, every_s=deps.bus.ack_wait_s / 3):
-        if state is not None and state.phase is TaskPhase.REPLANNING:
-            state = await _replan(deps, state)
-        if state is not None and state.phase is TaskPhase.FINISHING:
-            state = await _finish(deps, state)
-    await _publish_outbox(deps, state)
+    await follow_up(deps, state, msg)
+
+
+async def approve(deps: PlannerDeps, event: TaskApproved, msg: NatsMessage) -> None:
+    """More budget in the ledger first (once per approval), then resume the task."""
+    add = Spend(
+        cost_usd=event.add_cost_usd,
+        tokens=event.add_tokens,
+        llm_calls=event.add_llm_calls,
+        sandbox_cpu=event.add_sandbox_cpu_seconds,
+    )
+    await deps.ready_ledger.approve(event.task_id, event.event_id, add)
+    log.info("approved", approved_by=event.approved_by, add_cost_usd=event.add_cost_usd)
+    await advance(deps, event, msg, lambda s: s.approved(event, domain.now()))
+
+
+async def settle_pause(deps: PlannerDeps, task_id: str) -> None:
+    """After a step paused, look at the ledger: open again (approved meanwhile) means
+    the paused steps go on now; paused means the task must await approval, so make sure
+    the ledger's ``BudgetExhausted`` is out (the caller that paused it may have crashed
+    before publishing it; the id is deterministic, so a repeat is dropped)."""
+    ledger = await deps.ready_ledger.load(task_id)
+    if ledger is None:
+        return
+    if ledger.status is LedgerStatus.PAUSED and ledger.exhausted is not None:
+        await publish_event(deps.broker, ledger.exhausted_event(domain.now()))
+    elif ledger.status is LedgerStatus.OPEN:
+
+        def resume(current: TaskState | None) -> TaskState | None:
+            if current is None or not current.has_paused_steps():
+                return None
+            current.resume_paused()
+            return current if current.outbox else None
+
+        state = await deps.ready_store.mutate(task_id, resume)
+        await _publish_outbox(deps, state)
+
+
+async def sweep(deps: PlannerDeps) -> None:
+    """Act on passed deadlines: fail tasks whose wait for approval timed out, pause
+    tasks out of time. Every replica sweeps; compare-and-set keeps it to one effect."""
+    now = domain.now()
+    for task_id in await deps.ready_timers.due(now):
+        structlog.contextvars.bind_contextvars(task_id=task_id)
+
+        def timeout(current: TaskState | None) -> TaskState | None:
+            if current is None or current.phase is not TaskPhase.AWAITING_APPROVAL:
+                return None
+            current.approval_timed_out(now)
+            return current if current.terminal else None
+
+        state = await deps.ready_store.mutate(task_id, timeout)
+        if state is None:
+            await deps.ready_timers.set(task_id, None)
+            continue
+        await _publish_outbox(deps, state)
+        await _watch(deps, state)
+    structlog.contextvars.unbind_contextvars("task_id")
+
+
+class Sweeper:
+    """Runs :func:`sweep` every ``interval_s`` until stopped."""
+
+    def __init__(self, deps: PlannerDeps, interval_s: float) -> None:
+        self.deps = deps
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="planner-sweeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await sweep(self.deps)
+            except Exception:  # a failed sweep is tried again at the next tick
+                log.exception("deadline sweep failed")
 
 
 def register(deps: PlannerDeps) -> None:
@@ -259,12 +430,29 @@ def register(deps: PlannerDeps) -> None:
     @durable(StepCompleted)
     async def on_step_completed(event: StepCompleted, msg: NatsMessage) -> None:
         structlog.contextvars.bind_contextvars(task_id=event.task_id, step_id=event.step_id)
-        await advance(deps, event, msg, lambda s: s.step_completed(event, domain.now()))
+        await advance(deps, event, msg, lambda s: s.step_completed(event))
 
     @durable(StepFailed)
     async def on_step_failed(event: StepFailed, msg: NatsMessage) -> None:
         structlog.contextvars.bind_contextvars(task_id=event.task_id, step_id=event.step_id)
         await advance(deps, event, msg, lambda s: s.step_failed(event))
+
+    @durable(StepPaused)
+    async def on_step_paused(event: StepPaused, msg: NatsMessage) -> None:
+        structlog.contextvars.bind_contextvars(task_id=event.task_id, step_id=event.step_id)
+        await advance(deps, event, msg, lambda s: s.step_paused(event))
+        await settle_pause(deps, event.task_id)
+
+    @durable(BudgetExhausted)
+    async def on_budget_exhausted(event: BudgetExhausted, msg: NatsMessage) -> None:
+        structlog.contextvars.bind_contextvars(task_id=event.task_id)
+        log.warning("budget exhausted", reason=event.reason, action=event.action.value)
+        await advance(deps, event, msg, lambda s: s.budget_exhausted(event, domain.now()))
+
+    @durable(TaskApproved)
+    async def on_approved(event: TaskApproved, msg: NatsMessage) -> None:
+        structlog.contextvars.bind_contextvars(task_id=event.task_id)
+        await approve(deps, event, msg)
 
     @durable(TaskCancelRequested)
     async def on_cancel(event: TaskCancelRequested, msg: NatsMessage) -> None:

@@ -7,36 +7,47 @@ from opentelemetry.sdk.trace import TracerProvider
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from agentbus.core.llm import build_provider
-from agentbus.core.llm.observe import LLMMetrics, ObservedProvider
+from agentbus.core.budget import BudgetLedger
 from agentbus.core.service import Service, run
 from agentbus.core.settings import CommonSettings, LLMSettings
 
 from .adapters.state import TaskStore
-from .handlers import PlannerDeps, register
+from .adapters.timers import TimerStore
+from .config import BudgetDefaults
+from .handlers import PlannerDeps, Sweeper, register
 
 
 class Settings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTBUS_PLANNER_", extra="ignore")
 
     llm: LLMSettings = Field(default_factory=LLMSettings)
+    budget: BudgetDefaults = Field(default_factory=BudgetDefaults)
+    sweep_interval_s: float = Field(
+        1.0, gt=0, description="How often deadlines (time budget, approval wait) are checked."
+    )
 
 
 def create_app(settings: Settings, tracer_provider: TracerProvider | None = None) -> FastStream:
     service = Service.create("planner", settings, tracer_provider=tracer_provider)
-    deps = PlannerDeps(broker=service.broker, bus=settings.bus, llm_settings=settings.llm)
+    deps = PlannerDeps(
+        broker=service.broker,
+        bus=settings.bus,
+        llm_settings=settings.llm,
+        defaults=settings.budget,
+    )
     register(deps)
+    sweeper = Sweeper(deps, settings.sweep_interval_s)
 
     async def open_adapters() -> None:
-        deps.llm = ObservedProvider(
-            build_provider(settings.llm, "planner"),
-            role="planner",
-            tracer_provider=service.tracer_provider,
-            metrics=LLMMetrics(service.metrics),
-        )
-        deps.store = await TaskStore.open(service.broker.config.connection_state.stream)
+        js = service.broker.config.connection_state.stream
+        deps.ledger = await BudgetLedger.open(js)
+        deps.llm = await service.llm_provider(settings.llm, "planner", deps.ledger)
+        deps.store = await TaskStore.open(js)
+        deps.timers = await TimerStore.open(js)
+        sweeper.start()
 
     async def close_adapters() -> None:
+        await sweeper.stop()
         if deps.llm is not None:
             await deps.llm.aclose()
 
