@@ -7,11 +7,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from agentbus.core.llm import build_provider
-from agentbus.core.llm.observe import LLMMetrics, ObservedProvider
+from agentbus.core.budget import BudgetLedger
 from agentbus.core.service import Service, run
 from agentbus.core.settings import CommonSettings, LLMSettings
 
+from .adapters.checkpoints import CheckpointStore
 from .handlers import ExecutorDeps, register
 
 
@@ -24,6 +24,12 @@ class Settings(CommonSettings):
     use_memory: bool = Field(
         True, description="Recall memories at step start and save the result at the end."
     )
+    sandbox_cpus: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs of a sandbox container (as AGENTBUS_SANDBOX_CPUS); a run reserves "
+        "its time limit times this many CPU-seconds from the task's budget.",
+    )
 
 
 def create_app(settings: Settings, tracer_provider: TracerProvider | None = None) -> FastStream:
@@ -35,17 +41,16 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
         max_iterations=settings.max_iterations,
         concurrency=settings.concurrency,
         use_memory=settings.use_memory,
+        sandbox_cpus=settings.sandbox_cpus,
         tracer_provider=service.tracer_provider,
     )
     register(deps)
 
     async def open_adapters() -> None:
-        deps.llm = ObservedProvider(
-            build_provider(settings.llm, "executor"),
-            role="executor",
-            tracer_provider=service.tracer_provider,
-            metrics=LLMMetrics(service.metrics),
-        )
+        js = service.broker.config.connection_state.stream
+        deps.ledger = await BudgetLedger.open(js)
+        deps.checkpoints = await CheckpointStore.open(js)
+        deps.llm = await service.llm_provider(settings.llm, "executor", deps.ledger)
 
     async def close_adapters() -> None:
         if deps.llm is not None:

@@ -23,6 +23,7 @@ from agentbus.contracts import (
     subjects,
 )
 from agentbus.core import semconv
+from agentbus.core.budget import BudgetLedger, Publish, Spend
 from agentbus.core.bus import RpcError, rpc
 
 from ..domain import ExecResult
@@ -49,8 +50,31 @@ class SandboxWorkspace:
     task_id: str
     rpc_timeout_s: float = 10.0
     tracer: Tracer = field(default_factory=lambda: trace.get_tracer("agentbus.executor"))
+    ledger: BudgetLedger | None = None
+    publish: Publish | None = None
+    step_id: str = ""
+    cpus: float = 1.0
 
     async def run(self, language: str, code: str, timeout_s: float) -> ExecResult:
+        """Run code in the task's sandbox. With a ledger, the run first reserves the most
+        CPU it can use (its time limit on every CPU of the sandbox) from the task's
+        budget, and settles to what it really used."""
+        if self.ledger is None or self.publish is None:
+            return (await self._traced_run(language, code, timeout_s))[0]
+        async with self.ledger.hold(
+            self.task_id,
+            Spend(sandbox_cpu=timeout_s * self.cpus),
+            publish=self.publish,
+            step_id=self.step_id,
+            ttl_s=timeout_s + self.rpc_timeout_s + 60,
+        ) as hold:
+            result, reply = await self._traced_run(language, code, timeout_s)
+            hold.actual = Spend(sandbox_cpu=reply.cpu_seconds if reply else 0.0)
+        return result
+
+    async def _traced_run(
+        self, language: str, code: str, timeout_s: float
+    ) -> tuple[ExecResult, SandboxExecReply | None]:
         with self.tracer.start_as_current_span(
             semconv.SPAN_SANDBOX_EXEC,
             attributes={semconv.TASK_ID: self.task_id, semconv.SANDBOX_LANGUAGE: language},
@@ -62,7 +86,7 @@ class SandboxWorkspace:
                     span.set_attribute(semconv.SANDBOX_EXIT_CODE, reply.exit_code)
             if not result.ok:
                 span.set_status(Status(StatusCode.ERROR))
-            return result
+            return result, reply
 
     async def _run(
         self, language: str, code: str, timeout_s: float

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from agentbus.contracts import PlanStep, ToolOutcome, Usage
 from agentbus.core.llm import ChatRequest, LLMError, LLMProvider, Message, ToolCall
+from agentbus.core.llm.base import BudgetRefused
 
 from .tools import (
     TOOLS,
@@ -56,6 +57,9 @@ class StepResult:
     usage: Usage = field(default_factory=Usage)
     iterations: int = 0
     touched_workspace: bool = False
+    paused: bool = False  # the budget ran out: resume from ``checkpoint`` after approval
+    cancelled: bool = False  # the task ended (cancelled): report nothing
+    checkpoint: list[Message] = field(default_factory=list)
 
 
 Progress = Callable[[ToolEvent], Awaitable[None]]
@@ -139,19 +143,19 @@ class StepRunner:
         conversation: str,
         task_id: str,
         progress: Progress,
+        resume: list[Message] | None = None,
+        touched: bool = False,
     ) -> StepResult:
-        memories = (
-            await self.memory.recall(f"{step.title}\n{step.instructions}", 3) if self.memory else []
-        )
-        messages = [
-            Message(role="system", content=SYSTEM),
-            Message(role="user", content=step_prompt(goal, step, inputs, memories)),
-        ]
+        """Run the step; ``resume`` is the dialogue of a paused attempt to go on from."""
+        messages = list(resume) if resume else await self._opening(goal, step, inputs)
         usage = Usage()
         specs = tool_specs()
         loop = _LoopGuard(self.max_repeats)
-        touched = False
-        for iteration in range(1, self.max_iterations + 1):
+        done_turns = sum(1 for m in messages if m.role == "assistant")
+        for iteration in range(done_turns + 1, self.max_iterations + 1):
+            # Where a paused step resumes: before this turn's call, whose tools may not
+            # all have run. The turn is asked again.
+            checkpoint = list(messages)
             try:
                 reply = await self.llm.chat(
                     ChatRequest(
@@ -161,8 +165,11 @@ class StepRunner:
                         max_tokens=self.max_tokens,
                         conversation=conversation,
                         task_id=task_id,
+                        step_id=step.id,
                     )
                 )
+            except BudgetRefused as exc:
+                return self._stopped(exc, usage, iteration, touched, checkpoint)
             except LLMError as exc:
                 return StepResult(
                     False, error=f"LLM call failed: {exc}", usage=usage, iterations=iteration
@@ -211,7 +218,10 @@ class StepRunner:
                             touched=touched,
                         )
                 touched = touched or call.name in WORKSPACE_TOOLS
-                observation = await self._run_tool(call, progress)
+                try:
+                    observation = await self._run_tool(call, progress)
+                except BudgetRefused as exc:  # the sandbox CPU budget ran out
+                    return self._stopped(exc, usage, iteration, touched, checkpoint)
                 messages.append(
                     Message(
                         role="tool",
@@ -225,6 +235,30 @@ class StepRunner:
             usage=usage,
             iterations=self.max_iterations,
             touched_workspace=touched,
+        )
+
+    async def _opening(self, goal: str, step: PlanStep, inputs: dict[str, str]) -> list[Message]:
+        memories = (
+            await self.memory.recall(f"{step.title}\n{step.instructions}", 3) if self.memory else []
+        )
+        return [
+            Message(role="system", content=SYSTEM),
+            Message(role="user", content=step_prompt(goal, step, inputs, memories)),
+        ]
+
+    @staticmethod
+    def _stopped(
+        exc: BudgetRefused, usage: Usage, iteration: int, touched: bool, checkpoint: list[Message]
+    ) -> StepResult:
+        return StepResult(
+            False,
+            error=str(exc),
+            usage=usage,
+            iterations=iteration,
+            touched_workspace=touched,
+            paused=not exc.closed,
+            cancelled=exc.closed,
+            checkpoint=checkpoint,
         )
 
     async def _done(

@@ -3,6 +3,7 @@ the workspace interface the tools run against."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -84,7 +85,8 @@ TOOLS: dict[str, type[ToolArgs]] = {
 }
 
 
-def tool_specs() -> list[ToolSpec]:
+@functools.cache
+def _specs() -> tuple[ToolSpec, ...]:
     specs = []
     for name, model in TOOLS.items():
         schema = model.model_json_schema()
@@ -92,7 +94,12 @@ def tool_specs() -> list[ToolSpec]:
         description = " ".join((model.__doc__ or name).split())
         schema.pop("description", None)
         specs.append(ToolSpec(name=name, description=description, parameters=schema))
-    return specs
+    return tuple(specs)
+
+
+def tool_specs() -> list[ToolSpec]:
+    """The tools' specs for the model (built once: JSON schemas are costly to make)."""
+    return list(_specs())
 
 
 @dataclass(frozen=True)
