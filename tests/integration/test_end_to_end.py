@@ -16,6 +16,7 @@ from faststream.nats import NatsBroker
 from agentbus.cli import client
 from agentbus.cli.stack import EmbeddedStack
 from agentbus.contracts import (
+    LLMCalled,
     StepCompleted,
     TaskCompleted,
     TaskFailed,
@@ -92,7 +93,13 @@ async def test_example_task_runs_end_to_end(stack: EmbeddedStack, broker: NatsBr
     # Memory commits batches concurrently: wait for all of them, then check the order.
     types = await eventually(stored, lambda t: len(t) >= len(events))
     assert types == [e.event_type for e in events]
-    assert types[:3] == ["task.submitted", "task.plan_created", "step.ready"]
+    lifecycle = [t for t in types if t != "llm.called"]
+    assert lifecycle[:3] == ["task.submitted", "task.plan_created", "step.ready"]
+    # Every LLM call was reported on its own, with its cost.
+    calls = [e for e in events if isinstance(e, LLMCalled)]
+    assert len(calls) == 7
+    assert sum(c.usage.cost_usd for c in calls) == pytest.approx(done.usage.total.cost_usd)
+    assert {c.role for c in calls} == {"planner", "executor"}
     reply = await client.history(broker, task_id)
     assert reply.task is not None
     assert reply.task.status.value == "completed"

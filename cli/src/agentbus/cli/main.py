@@ -11,16 +11,19 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 from faststream.nats import NatsBroker
 
 from agentbus.contracts import (
     Budget,
+    OnBudget,
+    TaskApproved,
     TaskCancelRequested,
     TaskCompleted,
     TaskFailed,
@@ -55,6 +58,33 @@ def _external_nats_url() -> str | None:
 
 def _stack_file(home: Path) -> Path:
     return home / "stack.json"
+
+
+def _run_file(home: Path, task_id: str) -> Path:
+    return home / "runs" / f"{task_id}.json"
+
+
+@contextlib.contextmanager
+def _announced(home: Path, task_id: str, nats_url: str) -> Iterator[None]:
+    """While ``run`` follows a task on its own embedded stack, say where, so that
+    ``agentbus approve``/``cancel`` in another terminal can reach it."""
+    path = _run_file(home, task_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": os.getpid(), "nats_url": nats_url}))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _running_run_stack(home: Path, task_id: str) -> str | None:
+    """The NATS URL of the embedded stack an ``agentbus run`` of this task started."""
+    try:
+        info = json.loads(_run_file(home, task_id).read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return str(info["nats_url"])
 
 
 def _running_up_stack(home: Path) -> str | None:
@@ -105,16 +135,36 @@ def _llm_env(args: argparse.Namespace) -> tuple[dict[str, str], str | None]:
     return {}, None
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([hms]?)")
+_UNIT_S = {"h": 3600, "m": 60, "s": 1, "": 1}
+
+
+def duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``10m``, ``1h30m``."""
+    parts = _DURATION.findall(text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 10m, 1h30m)")
+    return sum(float(n) * _UNIT_S[u] for n, u in parts)
+
+
+_BUDGET_FLAGS = {
+    "max_steps": "max_steps",
+    "max_tokens": "max_tokens",
+    "max_cost": "max_cost_usd",
+    "max_time": "max_wall_seconds",
+    "max_calls": "max_llm_calls",
+    "max_cpu": "max_sandbox_cpu_seconds",
+    "on_budget": "on_exhausted",
+    "approval_timeout": "approval_timeout_s",
+}
+
+
 def _budget(args: argparse.Namespace) -> Budget:
-    fields: dict[str, float | int] = {}
-    if args.max_steps is not None:
-        fields["max_steps"] = args.max_steps
-    if args.max_tokens is not None:
-        fields["max_tokens"] = args.max_tokens
-    if args.max_cost is not None:
-        fields["max_cost_usd"] = args.max_cost
-    if args.max_time is not None:
-        fields["max_wall_seconds"] = args.max_time
+    fields = {
+        field: getattr(args, flag)
+        for flag, field in _BUDGET_FLAGS.items()
+        if getattr(args, flag) is not None
+    }
     return Budget.model_validate(fields)
 
 
@@ -140,7 +190,11 @@ async def _run(args: argparse.Namespace) -> int:
             print("agentbus: --record works with the embedded stack only", file=sys.stderr)
             return 2
         env["AGENTBUS_LLM_RECORD_DIR"] = _calls_dir(args.record)
-    budget = _budget(args)
+    try:
+        budget = _budget(args)
+    except ValueError as exc:
+        print(f"agentbus: bad budget: {exc}", file=sys.stderr)
+        return 2
     task = TaskSubmitted(task_id=new_id("tsk"), goal=goal, budget=budget, submitted_by="cli")
     telemetry = TelemetrySettings()
     provider = build_tracer_provider("cli", telemetry)
@@ -155,7 +209,8 @@ async def _run(args: argparse.Namespace) -> int:
                 semconv.SPAN_TASK, attributes={semconv.TASK_ID: task.task_id}
             ) as span:
                 trace_id = format(span.get_span_context().trace_id, "032x")
-                code = await _submit_and_follow(broker, task, home, embedded)
+                with _announced(home, task.task_id, url) if embedded else contextlib.nullcontext():
+                    code = await _submit_and_follow(broker, task, home, embedded)
         _print_trace(trace_id, telemetry)
         await asyncio.to_thread(provider.shutdown)  # flush the spans
     except StackError as exc:
@@ -199,7 +254,11 @@ async def _submit_and_follow(
     await client.submit(broker, task.model_copy(update={"occurred_at": utcnow()}))
     outcome = None
     try:
-        events = client.follow(broker, task.task_id, timeout=task.budget.max_wall_seconds + 60)
+        # A paused task may wait for approval as long as its approval timeout allows.
+        waiting = task.budget.approval_timeout_s or 24 * 3600
+        events = client.follow(
+            broker, task.task_id, timeout=task.budget.max_wall_seconds + waiting + 60
+        )
         async for event in events:
             if interrupted.is_set() and not cancel_sent:
                 cancel_sent = True
@@ -337,6 +396,47 @@ async def _tasks_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- cancel / approve ----------------------------------------------------------------
+
+
+async def _publish(event: TaskCancelRequested | TaskApproved) -> int:
+    """Publish a control event to the stack running the task (any client may)."""
+    home = agentbus_home()
+    url = _external_nats_url() or _running_up_stack(home) or _running_run_stack(home, event.task_id)
+    if not url:
+        print(
+            "agentbus: no running stack: set AGENTBUS_NATS_URL or start one with 'agentbus up'",
+            file=sys.stderr,
+        )
+        return 3
+    async with client.connect(url) as broker:
+        await client.submit(broker, event)
+    return 0
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    code = await _publish(TaskCancelRequested(task_id=args.task_id, reason=args.reason))
+    if code == 0:
+        print(f"cancel requested for {args.task_id}; see: agentbus tasks show {args.task_id}")
+    return code
+
+
+async def _approve(args: argparse.Namespace) -> int:
+    event = TaskApproved(
+        task_id=args.task_id,
+        add_cost_usd=args.add_cost or 0,
+        add_tokens=args.add_tokens or 0,
+        add_llm_calls=args.add_calls or 0,
+        add_sandbox_cpu_seconds=args.add_cpu or 0,
+        add_wall_seconds=args.add_time or 0,
+        approved_by=args.by or os.environ.get("USER") or "cli",
+    )
+    code = await _publish(event)
+    if code == 0:
+        print(f"approved {args.task_id}: it resumes where it stopped")
+    return code
+
+
 # --- entry point ---------------------------------------------------------------------
 
 
@@ -356,9 +456,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--max-steps", type=int, help="most plan steps")
     run.add_argument("--max-tokens", type=int, help="most LLM tokens")
-    run.add_argument("--max-cost", type=float, help="most LLM spend in USD")
-    run.add_argument("--max-time", type=float, help="wall-clock limit in seconds")
+    run.add_argument("--max-cost", type=float, help="most LLM spend in USD, e.g. 0.50")
+    run.add_argument("--max-time", type=duration, help="wall-clock limit, e.g. 90s, 10m, 1h")
+    run.add_argument("--max-calls", type=int, help="most LLM calls")
+    run.add_argument("--max-cpu", type=float, help="most sandbox CPU-seconds")
+    run.add_argument(
+        "--on-budget",
+        choices=[p.value for p in OnBudget],
+        help="when a budget runs out: pause for approval or fail (default: the platform's)",
+    )
+    run.add_argument(
+        "--approval-timeout", type=duration, help="how long a paused task waits, e.g. 30m"
+    )
     run.set_defaults(handler=_run)
+
+    cancel = sub.add_parser("cancel", help="stop a task: no new steps or LLM calls")
+    cancel.add_argument("task_id")
+    cancel.add_argument("--reason", default="cancelled by the user", help="why")
+    cancel.set_defaults(handler=_cancel)
+
+    approve = sub.add_parser("approve", help="let a task paused by its budget go on")
+    approve.add_argument("task_id")
+    approve.add_argument("--add-cost", type=float, help="USD to add to the cost budget")
+    approve.add_argument("--add-tokens", type=int, help="tokens to add")
+    approve.add_argument("--add-calls", type=int, help="LLM calls to add")
+    approve.add_argument("--add-cpu", type=float, help="sandbox CPU-seconds to add")
+    approve.add_argument("--add-time", type=duration, help="time to add, e.g. 10m")
+    approve.add_argument("--by", help="who approves (default: $USER)")
+    approve.set_defaults(handler=_approve)
 
     up = sub.add_parser("up", help="run the embedded stack until Ctrl-C")
     up.add_argument("--replicas", help="replicas per service, e.g. executor=3,sandbox=2")

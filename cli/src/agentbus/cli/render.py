@@ -6,12 +6,17 @@ import re
 import textwrap
 
 from agentbus.contracts import (
+    BudgetExhausted,
+    BudgetFigure,
+    BudgetWarning,
     Event,
     PlanCreated,
     StepCompleted,
     StepFailed,
+    StepPaused,
     StepReady,
     StepToolCalled,
+    TaskApproved,
     TaskCancelled,
     TaskCancelRequested,
     TaskCompleted,
@@ -19,6 +24,7 @@ from agentbus.contracts import (
     TaskSubmitted,
     Usage,
 )
+from agentbus.core.budget import amount
 
 
 def _short(text: str, width: int = 100, lines: int = 3) -> list[str]:
@@ -40,7 +46,25 @@ def _tool_output(text: str) -> str:
     return "\n".join(kept)
 
 
-def render_event(event: Event) -> list[str]:
+def render_figure(figure: BudgetFigure) -> str:
+    share = figure.used / figure.limit if figure.limit else 0.0
+    used, limit = amount(figure.kind, figure.used), amount(figure.kind, figure.limit)
+    return f"{figure.kind.value} {used} of {limit} ({share:.0%})"
+
+
+def _approval(event: TaskApproved) -> str:
+    adds = {
+        "cost": f"+${event.add_cost_usd:.4f}" if event.add_cost_usd else "",
+        "tokens": f"+{event.add_tokens:,}" if event.add_tokens else "",
+        "calls": f"+{event.add_llm_calls}" if event.add_llm_calls else "",
+        "cpu": f"+{event.add_sandbox_cpu_seconds:g} s" if event.add_sandbox_cpu_seconds else "",
+        "time": f"+{event.add_wall_seconds:g} s" if event.add_wall_seconds else "",
+    }
+    given = ", ".join(f"{k} {v}" for k, v in adds.items() if v) or "no extra budget"
+    return f"approved by {event.approved_by}: {given}; resuming"
+
+
+def render_event(event: Event) -> list[str]:  # noqa: PLR0912 - one case per event type
     """Lines to print for one event (empty for events a person need not see)."""
     match event:
         case TaskSubmitted():
@@ -71,6 +95,19 @@ def render_event(event: Event) -> list[str]:
             return lines
         case TaskFailed():
             return ["", f"task failed: {event.reason}"]
+        case StepPaused():
+            return [f"|| {event.step_id} paused: {event.reason}"]
+        case BudgetWarning():
+            return [f"! budget warning: {render_figure(event.figure)} spent"]
+        case BudgetExhausted():
+            lines = [f"! budget exhausted: {event.reason}"]
+            if event.approval_deadline is not None:
+                lines.append(
+                    f"  the task fails at {event.approval_deadline:%H:%M:%S} UTC unless approved"
+                )
+            return lines
+        case TaskApproved():
+            return [_approval(event)]
         case TaskCancelRequested():
             return [f"cancel requested: {event.reason}"]
         case TaskCancelled():
