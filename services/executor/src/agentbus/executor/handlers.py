@@ -23,7 +23,7 @@ from agentbus.contracts import (
     subjects,
 )
 from agentbus.core import semconv
-from agentbus.core.budget import BudgetLedger, LedgerStatus
+from agentbus.core.budget import BudgetLedger
 from agentbus.core.bus import (
     RpcError,
     event_subscriber,
@@ -92,13 +92,9 @@ def _outcome(event: StepReady, result: StepResult, files: list[str]) -> Event:
 
 async def run_step(deps: ExecutorDeps, event: StepReady, msg: NatsMessage) -> None:
     llm, ledger, checkpoints = deps.ready()
-    # The task's ledger (has it ended?) and a paused attempt's dialogue, in one go.
-    state, saved = await asyncio.gather(
-        ledger.load(event.task_id), checkpoints.load(event.task_id, event.step.id)
-    )
-    if state is not None and state.status is LedgerStatus.CLOSED:
-        log.info("step skipped: the task has ended", reason=state.closed_reason)
-        return
+    # A paused attempt's dialogue, if any. Whether the task has ended is the ledger's
+    # answer to the first LLM call: a closed ledger refuses it and the step stops.
+    saved = await checkpoints.load(event.task_id, event.step.id)
     tracer = trace.get_tracer("agentbus.executor", tracer_provider=deps.tracer_provider)
     workspace = SandboxWorkspace(
         deps.broker,

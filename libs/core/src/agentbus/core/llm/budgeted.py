@@ -4,6 +4,7 @@ settle to the real usage, and tell the bus (``LLMCalled``, ``BudgetWarning``,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -87,23 +88,28 @@ class BudgetedProvider:
         want = worst_case(request, model, self.prices)
         started = time.perf_counter()
         step_id = request.step_id or ""
-        async with self.ledger.hold(
-            task_id, want, publish=self.publish, step_id=step_id, ttl_s=self.ttl_s
-        ) as hold:
-            response = await self.inner.chat(request)
-            usage = response.usage
-            hold.actual = Spend(cost_usd=usage.cost_usd, tokens=usage.total_tokens, llm_calls=1)
-        await self.publish(
-            LLMCalled(
-                task_id=task_id,
-                role=self.role,
-                step_id=step_id,
-                conversation=request.conversation,
-                model=response.model,
-                usage=usage,
-                reserved_tokens=want.tokens,
-                reserved_cost_usd=want.cost_usd,
-                duration_ms=(time.perf_counter() - started) * 1000,
-            )
-        )
+        reported: asyncio.Future[object] | None = None
+        try:
+            async with self.ledger.hold(
+                task_id, want, publish=self.publish, step_id=step_id, ttl_s=self.ttl_s
+            ) as hold:
+                response = await self.inner.chat(request)
+                usage = response.usage
+                hold.actual = Spend(cost_usd=usage.cost_usd, tokens=usage.total_tokens, llm_calls=1)
+                called = LLMCalled(
+                    task_id=task_id,
+                    role=self.role,
+                    step_id=step_id,
+                    conversation=request.conversation,
+                    model=response.model,
+                    usage=usage,
+                    reserved_tokens=want.tokens,
+                    reserved_cost_usd=want.cost_usd,
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                )
+                # On its way while the ledger settles: two round trips at once.
+                reported = asyncio.ensure_future(self.publish(called))
+        finally:
+            if reported is not None:
+                await reported
         return response
