@@ -10,7 +10,7 @@ import pytest
 from agentbus.contracts import Budget, BudgetKind, OnBudget, utcnow
 from agentbus.core.budget import Ledger, LedgerStatus, Limits, Spend, Verdict
 from agentbus.core.llm import ChatRequest, Message, PriceTable, ToolSpec
-from agentbus.core.llm.budgeted import prompt_token_bound, worst_case
+from agentbus.core.llm.budgeted import DialogueBounds, Measured, prompt_token_bound, worst_case
 
 
 def ledger(**limits: float) -> Ledger:
@@ -117,3 +117,40 @@ def test_worst_case_bounds_the_prompt_by_its_bytes_and_prices_every_output_token
     assert spend.tokens == bound + 500
     assert spend.cost_usd == pytest.approx((bound * 0.15 + 500 * 0.60) / 1_000_000)
     assert worst_case(request, "unpriced-model", PriceTable.load()).cost_usd == 0
+
+
+def _dialogue(*turns: str) -> ChatRequest:
+    messages = [Message(role="system", content="You run one step. " * 200)]
+    for i, text in enumerate(turns):
+        messages.append(Message(role="user" if i % 2 == 0 else "assistant", content=text))
+    return ChatRequest(
+        messages=messages,
+        tools=[ToolSpec(name="t", description="d" * 500, parameters={"type": "object"})],
+        max_tokens=100,
+    )
+
+
+def test_a_growing_dialogue_is_bounded_by_its_last_bill_plus_what_was_appended() -> None:
+    bounds, key = DialogueBounds(), ("tsk_1", "executor/s1")
+    first = _dialogue("go")
+    measured = Measured.of(first)
+    assert bounds.bound(key, measured) == prompt_token_bound(first)  # nothing billed yet
+    bounds.learn(key, measured, prompt_tokens=900)  # what the provider said it billed
+
+    second = _dialogue("go", "ran it", "the tool said 42")
+    grown = Measured.of(second)
+    tight = bounds.bound(key, grown)
+    appended = len("ran it") + len("the tool said 42")
+    assert 900 + appended <= tight < prompt_token_bound(second) / 3
+    assert bounds.bound(("tsk_1", "executor/s2"), grown) == prompt_token_bound(second)
+
+
+def test_a_changed_earlier_message_or_tool_falls_back_to_the_bytes_bound() -> None:
+    bounds, key = DialogueBounds(), ("tsk_1", "executor/s1")
+    bounds.learn(key, Measured.of(_dialogue("go", "ran it")), prompt_tokens=900)
+    edited = _dialogue("stop", "ran it", "more")
+    assert bounds.bound(key, Measured.of(edited)) == prompt_token_bound(edited)
+    retooled = _dialogue("go", "ran it", "more").model_copy(update={"tools": []})
+    assert bounds.bound(key, Measured.of(retooled)) == prompt_token_bound(retooled)
+    shorter = _dialogue("go")
+    assert bounds.bound(key, Measured.of(shorter)) == prompt_token_bound(shorter)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import structlog
 
@@ -26,21 +28,89 @@ _MARGIN = 1.1
 _BASE = 64
 
 
+@dataclass(frozen=True)
+class Measured:
+    """A request's messages: each one's byte size and the fingerprint of the dialogue
+    up to and including it (tools included); and the tools' size."""
+
+    sizes: list[int]
+    prints: list[int]
+    tools: int
+
+    @classmethod
+    def of(cls, request: ChatRequest) -> Measured:
+        tools = json.dumps([t.model_dump() for t in request.tools]) if request.tools else ""
+        fingerprint = hash(tools)
+        sizes, prints = [], []
+        for m in request.messages:
+            calls = tuple(
+                (c.name, json.dumps(c.arguments, ensure_ascii=False)) for c in m.tool_calls
+            )
+            size = len((m.content or "").encode()) + _PER_MESSAGE
+            size += sum(len(name) + len(arguments.encode()) for name, arguments in calls)
+            fingerprint = hash((fingerprint, m.role, m.content, m.tool_call_id, calls))
+            sizes.append(size)
+            prints.append(fingerprint)
+        return cls(sizes, prints, len(tools.encode()))
+
+    def bound(self, start: int = 0) -> int:
+        """The bytes bound of messages ``start`` onwards (with the tools if from 0)."""
+        size = sum(self.sizes[start:]) + (self.tools if start == 0 else 0)
+        return int(size * _MARGIN) + _BASE
+
+
 def prompt_token_bound(request: ChatRequest) -> int:
     """An upper bound of the prompt tokens ``request`` can be billed for."""
-    size = 0
-    for m in request.messages:
-        size += len((m.content or "").encode()) + _PER_MESSAGE
-        for call in m.tool_calls:
-            size += len(call.name) + len(json.dumps(call.arguments, ensure_ascii=False).encode())
-    if request.tools:
-        size += len(json.dumps([t.model_dump() for t in request.tools]).encode())
-    return int(size * _MARGIN) + _BASE
+    return Measured.of(request).bound()
 
 
-def worst_case(request: ChatRequest, model: str, prices: PriceTable) -> Spend:
-    """The most ``request`` can spend: every prompt token uncached, every output token."""
-    prompt = prompt_token_bound(request)
+@dataclass(frozen=True)
+class _Billed:
+    messages: int  # the dialogue's length when it was billed
+    fingerprint: int  # of those messages and the tools
+    prompt_tokens: int  # what the provider billed for them
+
+
+class DialogueBounds:
+    """Tighter prompt bounds for dialogues that grow by appending (a step's tool loop).
+
+    A call's prompt is the last call's prompt plus what was appended since (the reply
+    and the tool results). Its tokens are at most the tokens the provider billed for
+    the last prompt plus the bytes bound of the new messages: chat templates put
+    special tokens between messages, so no token spans the seam. The bytes bound alone
+    overstates English text about 4x; this keeps only the new messages' part of that.
+    Any change to the earlier messages or the tools (the fingerprint) falls back to
+    the bytes bound of the whole request.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self._billed: OrderedDict[tuple[str, str], _Billed] = OrderedDict()
+        self._size = size
+
+    def bound(self, key: tuple[str, str], measured: Measured) -> int:
+        full = measured.bound()
+        billed = self._billed.get(key)
+        if billed is None or not 0 < billed.messages <= len(measured.sizes):
+            return full
+        if measured.prints[billed.messages - 1] != billed.fingerprint:
+            return full
+        return min(full, billed.prompt_tokens + measured.bound(billed.messages))
+
+    def learn(self, key: tuple[str, str], measured: Measured, prompt_tokens: int) -> None:
+        if not measured.sizes or prompt_tokens <= 0:
+            return
+        self._billed[key] = _Billed(len(measured.sizes), measured.prints[-1], prompt_tokens)
+        self._billed.move_to_end(key)
+        while len(self._billed) > self._size:
+            self._billed.popitem(last=False)
+
+
+def worst_case(
+    request: ChatRequest, model: str, prices: PriceTable, *, prompt_tokens: int | None = None
+) -> Spend:
+    """The most ``request`` can spend: every prompt token uncached, every output token.
+    ``prompt_tokens`` is a known bound of the prompt (else its bytes bound)."""
+    prompt = prompt_token_bound(request) if prompt_tokens is None else prompt_tokens
     price = prices.lookup(model)
     cost = (prompt * price.input + request.max_tokens * price.output) / 1_000_000 if price else 0.0
     return Spend(cost_usd=cost, tokens=prompt + request.max_tokens, llm_calls=1)
@@ -69,6 +139,7 @@ class BudgetedProvider:
         self.default_model = default_model
         self.ttl_s = reservation_ttl_s
         self._unpriced: set[str] = set()
+        self._dialogues = DialogueBounds()
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -85,7 +156,10 @@ class BudgetedProvider:
                 "add it to AGENTBUS_LLM_PRICES_FILE",
                 model=model,
             )
-        want = worst_case(request, model, self.prices)
+        dialogue = (task_id, request.conversation)
+        measured = Measured.of(request)
+        prompt_bound = self._dialogues.bound(dialogue, measured)
+        want = worst_case(request, model, self.prices, prompt_tokens=prompt_bound)
         started = time.perf_counter()
         step_id = request.step_id or ""
         reported: asyncio.Future[object] | None = None
@@ -95,6 +169,7 @@ class BudgetedProvider:
             ) as hold:
                 response = await self.inner.chat(request)
                 usage = response.usage
+                self._dialogues.learn(dialogue, measured, usage.prompt_tokens)
                 hold.actual = Spend(cost_usd=usage.cost_usd, tokens=usage.total_tokens, llm_calls=1)
                 called = LLMCalled(
                     task_id=task_id,
