@@ -397,6 +397,28 @@ async def test_a_completed_task_loses_its_container(
         await asyncio.sleep(0.2)
 
 
+async def test_a_run_whose_sandbox_is_removed_says_so_not_out_of_memory(
+    client: NatsBroker, docker: aiodocker.Docker
+) -> None:
+    """A cancelled task's container is removed under its running code: the run ends
+    early with exit 137, which must not be mistaken for the OOM killer's work."""
+    task = new_id("tsk")
+    busy = asyncio.create_task(run(client, task, "import time; time.sleep(30)", timeout_s=60))
+    deadline = time.monotonic() + 20
+    while not await task_containers(docker, task):
+        assert time.monotonic() < deadline, "the run never started"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1)
+    gone = await call(
+        client, subjects.SANDBOX_DESTROY, SandboxDestroyRequest(task_id=task), SandboxDestroyReply
+    )
+    assert gone.ok
+    reply = await busy
+    assert reply.outcome is ExecOutcome.ERROR, reply
+    assert "sandbox was removed" in reply.stderr
+    assert reply.duration_ms < 20_000
+
+
 async def test_concurrent_first_calls_share_one_container(
     client: NatsBroker, docker: aiodocker.Docker
 ) -> None:

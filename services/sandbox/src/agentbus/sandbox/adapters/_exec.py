@@ -177,6 +177,18 @@ async def exec_running(docker: Any, container: Any) -> bool:
 # --- counters read inside the container ----------------------------------------------
 
 
+async def is_running(container: Any) -> bool:
+    """Whether the container still runs: False once it is stopped, gone, or being
+    removed (the engine marks it ``removing`` before it kills what runs inside)."""
+    try:
+        info = await container.show()
+    except aiodocker.DockerError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return str(info.get("State", {}).get("Status")) == "running"
+
+
 async def oom_kills(container: Any) -> int | None:
     """The container cgroup's OOM-kill counter; None if it cannot be read."""
     try:

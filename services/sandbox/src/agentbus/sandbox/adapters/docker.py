@@ -61,7 +61,15 @@ from . import _containers, workspace
 from ._box import Box, prefetch, release, take_ready
 from ._containers import ACTIVITY_DIR, LABEL_TASK, NAME_PREFIX, POOL_DIR, POOL_PREFIX
 from ._cpu import CpuMeter
-from ._exec import Run, collect, docker_errors, exec_running, oom_kills, start_exec
+from ._exec import (
+    Run,
+    collect,
+    docker_errors,
+    exec_running,
+    is_running,
+    oom_kills,
+    start_exec,
+)
 from ._guard import guarded
 from ._pool import PoolEntry, WarmPool, remove_stale_dirs
 from ._pool import discard as discard_pool_entry
@@ -72,6 +80,17 @@ log = structlog.get_logger(__name__)
 
 _CREATE_ATTEMPTS = 4
 _REPLY_JSON_BUDGET = 768 * 1024  # leaves room under NATS's default 1 MB max_payload
+
+
+async def _going(container: Any, within_s: float = 1.0) -> bool:
+    """Whether the container stops within ``within_s``: a removal under way kills
+    its processes first and the engine reports it running until they are gone."""
+    deadline = time.monotonic() + within_s
+    while await is_running(container):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 class DockerSandbox:
@@ -461,11 +480,17 @@ class DockerSandbox:
                 measure_cpu=True,
             ),
         )
-        oom = False
+        oom = removed = False
         if run.exit_code == EXIT_KILLED and run.duration_s < limit and not killed:
             with contextlib.suppress(SandboxError, aiodocker.DockerError, aiohttp.ClientError):
+                # Killed early: by the OOM killer, or the container is being removed
+                # (the task was cancelled or ended), which also stops the counter read.
                 count = await oom_kills(box.container)
-                oom = count is None or box.oom_kills is None or count > box.oom_kills
+                if count is None:
+                    removed = await _going(box.container)
+                oom = not removed and (
+                    count is None or box.oom_kills is None or count > box.oom_kills
+                )
                 box.oom_kills = count
         truncated = run.stdout.truncated or run.stderr.truncated
         outcome = domain.classify(
@@ -477,8 +502,10 @@ class DockerSandbox:
             truncated=truncated,
         )
         notes = [note] if note else []
-        if killed:
+        if killed or removed:
             outcome = ExecOutcome.ERROR
+        if removed:
+            notes.append("[sandbox: stopped: the task's sandbox was removed (cancelled or ended)]")
         if used > self.config.workspace_max_bytes:
             notes.append(domain.over_cap_note(used, self.config, killed=killed))
         if outcome is ExecOutcome.OOM_KILLED:
