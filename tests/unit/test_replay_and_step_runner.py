@@ -19,6 +19,7 @@ from agentbus.core.llm import (
     Transcript,
     build_transcript,
 )
+from agentbus.core.llm.base import BudgetRefused
 from agentbus.executor.domain import ExecResult, StepRunner, ToolEvent, clip, tool_specs
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -337,3 +338,64 @@ async def test_a_library_picks_the_transcript_by_the_task_line_not_by_mentions()
         await library.chat(
             ChatRequest(messages=[Message(role="user", content="Task: other")], conversation="c")
         )
+
+
+class CpuBudgetWorkspace(FakeWorkspace):
+    """Refuses the runs listed in ``refuse`` (by their order) as the CPU budget would."""
+
+    def __init__(self, refuse: set[int]) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.asked = 0
+
+    async def run(self, language: str, code: str, timeout_s: float) -> ExecResult:
+        self.asked += 1
+        if self.asked in self.refuse:
+            raise BudgetRefused("sandbox_cpu_seconds budget exhausted")
+        self.runs.append((language, code))
+        return ExecResult(True, f"ran {code}")
+
+
+async def test_a_step_paused_between_tool_calls_resumes_with_the_calls_left() -> None:
+    """The CPU budget refuses the second of a turn's three runs: the first has run and
+    keeps its result; after approval the second and third run, once each, and only
+    then is the model asked again. The turn is not asked again."""
+    turn = Message(
+        role="assistant",
+        tool_calls=[
+            ToolCall(id=f"c{i}", name="run_python", arguments={"code": f"print({i})"})
+            for i in (1, 2, 3)
+        ],
+    )
+    asked: list[list[Message]] = []
+
+    class Model(ScriptedLLM):
+        async def chat(self, request: ChatRequest) -> ChatResponse:
+            asked.append(list(request.messages))
+            return await super().chat(request)
+
+    async def progress(event: ToolEvent) -> None:
+        return None
+
+    ws = CpuBudgetWorkspace(refuse={2})
+    first = await StepRunner(llm=Model(turn), workspace=ws).run(
+        goal="g", step=STEP, inputs={}, conversation="c", task_id="t", progress=progress
+    )
+    assert first.paused and not first.ok
+    assert ws.runs == [("python", "print(1)")]
+    assert [m.tool_call_id for m in first.checkpoint if m.role == "tool"] == ["c1"]
+
+    done = Message(role="assistant", content="all three ran")
+    resumed = await StepRunner(llm=Model(done), workspace=ws).run(
+        goal="g",
+        step=STEP,
+        inputs={},
+        conversation="c",
+        task_id="t",
+        progress=progress,
+        resume=first.checkpoint,
+    )
+    assert resumed.ok and resumed.output == "all three ran"
+    assert ws.runs == [("python", f"print({i})") for i in (1, 2, 3)]
+    assert len(asked) == 2  # the turn itself, then the call after all three results
+    assert [m.tool_call_id for m in asked[1] if m.role == "tool"] == ["c1", "c2", "c3"]

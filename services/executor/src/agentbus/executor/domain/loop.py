@@ -123,6 +123,43 @@ class _LoopGuard:
         return None
 
 
+def unanswered(messages: list[Message]) -> list[ToolCall]:
+    """The last turn's tool calls that have no result yet (a step paused between them)."""
+    answered: set[str | None] = set()
+    for message in reversed(messages):
+        if message.role == "tool":
+            answered.add(message.tool_call_id)
+        elif message.role == "assistant":
+            return [c for c in message.tool_calls if c.id not in answered]
+        else:
+            return []
+    return []
+
+
+@dataclass
+class _Turn:
+    """What one run of a step carries from turn to turn."""
+
+    goal: str
+    step: PlanStep
+    progress: Progress
+    usage: Usage
+    touched: bool
+
+    def stopped(self, exc: BudgetRefused, iteration: int, checkpoint: list[Message]) -> StepResult:
+        """Refused by the budget: paused (resumable from ``checkpoint``), or ended."""
+        return StepResult(
+            False,
+            error=str(exc),
+            usage=self.usage,
+            iterations=iteration,
+            touched_workspace=self.touched,
+            paused=not exc.closed,
+            cancelled=exc.closed,
+            checkpoint=checkpoint,
+        )
+
+
 @dataclass
 class StepRunner:
     llm: LLMProvider
@@ -148,13 +185,19 @@ class StepRunner:
     ) -> StepResult:
         """Run the step; ``resume`` is the dialogue of a paused attempt to go on from."""
         messages = list(resume) if resume else await self._opening(goal, step, inputs)
-        usage = Usage()
+        turn = _Turn(goal, step, progress, usage=Usage(), touched=touched)
         specs = tool_specs()
         loop = _LoopGuard(self.max_repeats)
         done_turns = sum(1 for m in messages if m.role == "assistant")
+        # A step paused half-way through a turn's tool calls (the CPU budget refused one)
+        # runs the calls still unanswered, and only then asks the model again.
+        pending = unanswered(messages)
+        if pending:
+            ended = await self._act(pending, messages, turn, done_turns)
+            if ended is not None:
+                return ended
         for iteration in range(done_turns + 1, self.max_iterations + 1):
-            # Where a paused step resumes: before this turn's call, whose tools may not
-            # all have run. The turn is asked again.
+            # Where a paused step resumes when this call is refused: before it.
             checkpoint = list(messages)
             try:
                 reply = await self.llm.chat(
@@ -169,20 +212,18 @@ class StepRunner:
                     )
                 )
             except BudgetRefused as exc:
-                return self._stopped(exc, usage, iteration, touched, checkpoint)
+                return turn.stopped(exc, iteration, checkpoint)
             except LLMError as exc:
                 return StepResult(
-                    False, error=f"LLM call failed: {exc}", usage=usage, iterations=iteration
+                    False, error=f"LLM call failed: {exc}", usage=turn.usage, iterations=iteration
                 )
-            usage = usage + Usage.of(reply.model, reply.usage)
+            turn.usage = turn.usage + Usage.of(reply.model, reply.usage)
             messages.append(reply.message)
             if not reply.message.tool_calls:
                 # A plain answer with no tool call ends the step with that answer.
                 text = (reply.message.content or "").strip()
                 if text:
-                    return await self._done(
-                        goal, step, text, usage=usage, iterations=iteration, touched=touched
-                    )
+                    return await self._done(turn, text, iteration)
                 messages.append(
                     Message(role="user", content="Use a tool, or call finish_step when done.")
                 )
@@ -193,49 +234,53 @@ class StepRunner:
                     False,
                     error=f"stopped: the model repeated the same action {self.max_repeats} "
                     f"times in a row ({stuck})",
-                    usage=usage,
+                    usage=turn.usage,
                     iterations=iteration,
-                    touched_workspace=touched,
+                    touched_workspace=turn.touched,
                 )
-            for call in reply.message.tool_calls:
-                if call.name == "finish_step":
-                    finished = self._finish(call)
-                    if finished is not None and not finished.success:
-                        return StepResult(
-                            False,
-                            error=finished.result,
-                            usage=usage,
-                            iterations=iteration,
-                            touched_workspace=touched,
-                        )
-                    if finished is not None:
-                        return await self._done(
-                            goal,
-                            step,
-                            finished.result,
-                            usage=usage,
-                            iterations=iteration,
-                            touched=touched,
-                        )
-                touched = touched or call.name in WORKSPACE_TOOLS
-                try:
-                    observation = await self._run_tool(call, progress)
-                except BudgetRefused as exc:  # the sandbox CPU budget ran out
-                    return self._stopped(exc, usage, iteration, touched, checkpoint)
-                messages.append(
-                    Message(
-                        role="tool",
-                        tool_call_id=call.id,
-                        content=clip(observation, self.observation_limit),
-                    )
-                )
+            ended = await self._act(reply.message.tool_calls, messages, turn, iteration)
+            if ended is not None:
+                return ended
         return StepResult(
             False,
             error=f"the step did not finish within {self.max_iterations} LLM turns",
-            usage=usage,
+            usage=turn.usage,
             iterations=self.max_iterations,
-            touched_workspace=touched,
+            touched_workspace=turn.touched,
         )
+
+    async def _act(
+        self, calls: list[ToolCall], messages: list[Message], turn: _Turn, iteration: int
+    ) -> StepResult | None:
+        """Run a turn's tool calls in order, each result appended to ``messages``; the
+        step's result if one of them ends it (finish_step, or a budget refusal)."""
+        for call in calls:
+            if call.name == "finish_step":
+                finished = self._finish(call)
+                if finished is not None and not finished.success:
+                    return StepResult(
+                        False,
+                        error=finished.result,
+                        usage=turn.usage,
+                        iterations=iteration,
+                        touched_workspace=turn.touched,
+                    )
+                if finished is not None:
+                    return await self._done(turn, finished.result, iteration)
+            turn.touched = turn.touched or call.name in WORKSPACE_TOOLS
+            try:
+                observation = await self._run_tool(call, turn.progress)
+            except BudgetRefused as exc:  # the sandbox CPU budget ran out
+                # Resumes here: the calls before this one have run and keep their results.
+                return turn.stopped(exc, iteration, list(messages))
+            messages.append(
+                Message(
+                    role="tool",
+                    tool_call_id=call.id,
+                    content=clip(observation, self.observation_limit),
+                )
+            )
+        return None
 
     async def _opening(self, goal: str, step: PlanStep, inputs: dict[str, str]) -> list[Message]:
         memories = (
@@ -246,39 +291,21 @@ class StepRunner:
             Message(role="user", content=step_prompt(goal, step, inputs, memories)),
         ]
 
-    @staticmethod
-    def _stopped(
-        exc: BudgetRefused, usage: Usage, iteration: int, touched: bool, checkpoint: list[Message]
-    ) -> StepResult:
-        return StepResult(
-            False,
-            error=str(exc),
-            usage=usage,
-            iterations=iteration,
-            touched_workspace=touched,
-            paused=not exc.closed,
-            cancelled=exc.closed,
-            checkpoint=checkpoint,
-        )
-
-    async def _done(
-        self,
-        goal: str,
-        step: PlanStep,
-        output: str,
-        *,
-        usage: Usage,
-        iterations: int,
-        touched: bool,
-    ) -> StepResult:
+    async def _done(self, turn: _Turn, output: str, iterations: int) -> StepResult:
         """A finished step; its result is saved to long-term memory for later work."""
         if self.memory is not None:
             # Memory refuses texts over its model's window rather than cutting them; a
             # step's result is remembered as a bounded summary (head and tail).
-            summary = clip(f"{goal} | step '{step.title}': {output}", MEMORY_SUMMARY_CHARS)
+            summary = clip(
+                f"{turn.goal} | step '{turn.step.title}': {output}", MEMORY_SUMMARY_CHARS
+            )
             await self.memory.save(summary, "step_result")
         return StepResult(
-            True, output=output, usage=usage, iterations=iterations, touched_workspace=touched
+            True,
+            output=output,
+            usage=turn.usage,
+            iterations=iterations,
+            touched_workspace=turn.touched,
         )
 
     async def _memory_call(self, call: Callable[[Memory], Awaitable[ExecResult]]) -> ExecResult:
