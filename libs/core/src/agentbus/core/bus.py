@@ -325,12 +325,18 @@ def durable_subscriber(
     """Decorator: a durable pull consumer on the events stream, shared by all replicas.
 
     Failed handlers are nacked (retried with backoff), not terminated; the dead-letter
-    middleware takes over after ``settings.max_deliver`` attempts."""
+    middleware takes over after ``settings.max_deliver`` attempts.
+
+    One message per fetch, however many workers: nats-py's ``fetch(batch=n)``, once it
+    has a message, waits for the other n-1 until the fetch's deadline (5 s) unless the
+    server says there are none, so a batch could sit on a message that had arrived
+    (in a test, a parallel step started 3 s after its sibling). The workers still run
+    up to ``max_workers`` handlers at once; the fetch loop only stops while all are busy."""
     return router.subscriber(
         subject_filter,
         stream=events_stream(),
         durable=durable,
-        pull_sub=PullSub(batch_size=max(1, max_workers), timeout=5.0),
+        pull_sub=PullSub(batch_size=1, timeout=5.0),
         config=ConsumerConfig(max_deliver=settings.max_deliver, ack_wait=settings.ack_wait_s),
         ack_policy=AckPolicy.NACK_ON_ERROR,
         max_workers=max_workers,
