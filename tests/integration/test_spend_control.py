@@ -10,6 +10,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
@@ -180,7 +181,16 @@ async def test_paused_task_survives_a_restart_of_every_service_and_resumes_its_s
     turns are refused, so both steps pause with their dialogue checkpointed. Every
     service stops; a new stack, an approval from the CLI, and both steps go on from
     where they stopped."""
-    with scripted_llm(ScriptedLLM(steps=2)) as script:
+    first_turns = threading.Barrier(2)
+
+    def first_turns_together(seen: Seen) -> None:
+        # Each step's first turn waits for the other's, so both are made before either
+        # step's second turn however far apart the two steps are delivered.
+        if seen.role == "step" and seen.turns_done == 0:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                first_turns.wait(timeout=30)
+
+    with scripted_llm(ScriptedLLM(steps=2, hook=first_turns_together)) as script:
         async with stack(tmp_path, script, nats_url=nats_url, database_url=database_url):
             task_id = await submit(nats_url, "pause and resume", Budget(max_llm_calls=3))
             async with watching(nats_url, task_id) as watch:
@@ -238,6 +248,23 @@ async def test_no_approval_in_time_fails_the_task_with_the_reason(
     (failed,) = watch.of(TaskFailed)
     assert "cost budget exhausted" in failed.reason  # type: ignore[attr-defined]
     assert "no approval came within" in failed.reason  # type: ignore[attr-defined]
+
+
+async def test_a_cost_budget_on_a_model_without_a_price_fails_with_the_fix(
+    tmp_path: Path, nats_url: str, database_url: str
+) -> None:
+    """A model missing from the price table would count $0: a task with a cost budget
+    fails at its first call with what to do, and no request is made."""
+    with scripted_llm(ScriptedLLM()) as script:
+        env = {"AGENTBUS_LLM_MODEL": "my-local-model"}
+        async with stack(tmp_path, script, nats_url=nats_url, database_url=database_url, env=env):
+            task_id = await submit(nats_url, "priced?", Budget(max_cost_usd=1.0))
+            async with watching(nats_url, task_id) as watch:
+                await watch.until(lambda ev: any(isinstance(e, TaskFailed) for e in ev))
+    assert script.count() == 0
+    (failed,) = watch.of(TaskFailed)
+    assert "model 'my-local-model' has no price" in failed.reason  # type: ignore[attr-defined]
+    assert "AGENTBUS_LLM_PRICES_FILE" in failed.reason  # type: ignore[attr-defined]
 
 
 async def test_fail_policy_fails_at_once(tmp_path: Path, nats_url: str, database_url: str) -> None:

@@ -15,7 +15,7 @@ import structlog
 from agentbus.contracts import LLMCalled
 
 from ..budget import BudgetLedger, Publish, Spend
-from .base import ChatRequest, ChatResponse, LLMProvider
+from .base import ChatRequest, ChatResponse, LLMError, LLMProvider
 from .pricing import PriceTable
 
 log = structlog.get_logger(__name__)
@@ -144,18 +144,31 @@ class BudgetedProvider:
     async def aclose(self) -> None:
         await self.inner.aclose()
 
+    async def _refuse_unpriced(self, task_id: str, model: str) -> None:
+        """A model with no price cannot be held to a cost budget: a task with one fails
+        its call with the fix; other tasks' calls count $0 (logged once per model)."""
+        ledger = await self.ledger.load(task_id)
+        if ledger is not None and ledger.limits.cost_usd is not None:
+            raise LLMError(
+                f"model {model!r} has no price, so this task's cost budget cannot be "
+                "enforced: add the model to the price table (AGENTBUS_LLM_PRICES_FILE, "
+                "USD per 1M tokens) or run the task without a cost budget"
+            )
+        if model not in self._unpriced:
+            self._unpriced.add(model)
+            log.warning(
+                "no price for this model: its calls count as $0; add it to "
+                "AGENTBUS_LLM_PRICES_FILE before giving tasks a cost budget",
+                model=model,
+            )
+
     async def chat(self, request: ChatRequest) -> ChatResponse:
         task_id = request.task_id
         if not task_id:
             return await self.inner.chat(request)
         model = request.model or self.default_model
-        if self.prices.lookup(model) is None and model not in self._unpriced:
-            self._unpriced.add(model)
-            log.warning(
-                "no price for this model: its calls count as $0 against cost budgets; "
-                "add it to AGENTBUS_LLM_PRICES_FILE",
-                model=model,
-            )
+        if self.prices.lookup(model) is None:
+            await self._refuse_unpriced(task_id, model)
         dialogue = (task_id, request.conversation)
         measured = Measured.of(request)
         prompt_bound = self._dialogues.bound(dialogue, measured)
