@@ -48,6 +48,8 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
 
     async def close_adapters() -> None:
         await sweeper.stop()
+        if deps.timers is not None:
+            await deps.timers.close()
         if deps.llm is not None:
             await deps.llm.aclose()
 
