@@ -583,6 +583,22 @@ async def test_llm_calls_are_stored_once_and_costs_count_every_call_of_the_plann
     assert (rows[1]["step_id"], rows[1]["role"]) == ("s1", "executor")
     history = await client.history(broker, running)
     assert [e.type for e in history.events].count("llm.called") == 3
+    # tasks show / list: the spend so far is every call made, the answer call included
+    # (the lifecycle events report it only once the task completes).
+    assert history.task is not None
+    assert history.task.usage.total.cost_usd == pytest.approx(0.8125)
+    assert history.task.usage.by_model["model-p"].calls == 2
+    listed = await rpc(
+        broker,
+        subjects.MEMORY_TASK_LIST,
+        TaskListRequest(since=day, until=day + timedelta(days=1)),
+        TaskListReply,
+        timeout=5,
+    )
+    assert {t.task_id: round(t.usage.total.cost_usd, 4) for t in listed.tasks} == {
+        running: 0.8125,
+        older: 0.125,
+    }
 
     request = CostsRequest(since=day, until=day + timedelta(days=1))
     report = await rpc(broker, subjects.MEMORY_COSTS, request, CostsReply, timeout=5)

@@ -11,7 +11,7 @@ import asyncio
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from importlib import resources
 from typing import Any, Final
@@ -29,7 +29,15 @@ from tenacity import (
     wait_exponential,
 )
 
-from agentbus.contracts import Event, LLMCalled, StoredEvent, TaskStatus, Usage, parse_event
+from agentbus.contracts import (
+    Event,
+    LLMCalled,
+    ModelUsage,
+    StoredEvent,
+    TaskStatus,
+    Usage,
+    parse_event,
+)
 
 from .. import domain
 from ..domain import EventRecord, TaskProjection
@@ -400,12 +408,17 @@ class Database:
         until: datetime | None,
         limit: int,
     ) -> list[TaskProjection]:
-        """Tasks submitted in [since, until), newest first, optionally of one status."""
+        """Tasks submitted in [since, until), newest first, optionally of one status;
+        each with its spend so far (see :func:`_with_spend`)."""
         try:
-            rows = await self._pool.fetch(_LIST_TASKS, status, since, until, limit)
+            async with (
+                self._pool.acquire(timeout=10) as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                rows = await conn.fetch(_LIST_TASKS, status, since, until, limit)
+                return await _with_spend(conn, [TaskProjection.from_row(r) for r in rows])
         except _DB_ERRORS as exc:
             raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        return [TaskProjection.from_row(r) for r in rows]
 
     async def costs(
         self, *, since: datetime | None, until: datetime | None, top_tasks: int
@@ -443,13 +456,16 @@ class Database:
     # --- reads -----------------------------------------------------------------------
 
     async def task_history(self, task_id: str) -> tuple[TaskProjection | None, list[StoredEvent]]:
-        """A task's projection (None if none yet) and its stored events in stream order."""
+        """A task's projection (None if none yet) with its spend so far, and its stored
+        events in stream order."""
         try:
             async with (
                 self._pool.acquire(timeout=10) as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
                 projection = await _load_projection(conn, task_id)
+                if projection is not None:
+                    (projection,) = await _with_spend(conn, [projection])
                 rows = await conn.fetch(_TASK_EVENTS, task_id)
         except _DB_ERRORS as exc:
             raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
@@ -579,15 +595,17 @@ _COUNT_TASKS = f"SELECT count(*) FROM tasks WHERE {_IN_RANGE}"  # noqa: S608
 # Its projection's usage counts a plan or a step attempt only once it is done (and
 # nothing of a planning call that a budget pause interrupted); it stands in only for
 # tasks with no recorded call, stored before memory kept them.
-_SPEND = f"""
-in_range AS (SELECT task_id, usage FROM tasks WHERE {_IN_RANGE}),
-spend AS (
-    SELECT c.task_id, c.model,
+_CALL_SUMS = """
            sum(c.prompt_tokens)     AS prompt_tokens,
            sum(c.completion_tokens) AS completion_tokens,
            sum(c.cached_tokens)     AS cached_tokens,
            count(*)                 AS calls,
-           sum(c.cost_usd)          AS cost_usd
+           sum(c.cost_usd)          AS cost_usd"""
+
+_SPEND = f"""
+in_range AS (SELECT task_id, usage FROM tasks WHERE {_IN_RANGE}),
+spend AS (
+    SELECT c.task_id, c.model, {_CALL_SUMS}
     FROM llm_calls AS c JOIN in_range AS t USING (task_id)
     GROUP BY c.task_id, c.model
     UNION ALL
@@ -637,6 +655,38 @@ FROM tasks AS t JOIN in_range USING (task_id) LEFT JOIN per_task AS p USING (tas
 ORDER BY coalesce(p.cost_usd, 0) DESC, t.created_at DESC
 LIMIT $3
 """  # noqa: S608 - constant fragments only
+
+
+_SPENT_BY = f"""
+SELECT c.task_id, c.model, {_CALL_SUMS}
+FROM llm_calls AS c
+WHERE c.task_id = ANY($1::text[])
+GROUP BY c.task_id, c.model
+"""  # noqa: S608 - constant fragments only
+
+
+async def _with_spend(
+    conn: asyncpg.Connection, projections: list[TaskProjection]
+) -> list[TaskProjection]:
+    """The tasks with their usage taken from their recorded LLM calls, where they have
+    any: every call, counted as it is made, as ``agentbus costs`` counts it. (A
+    projection's own usage counts a plan or step attempt only once it is done.)"""
+    if not projections:
+        return projections
+    rows = await conn.fetch(_SPENT_BY, [p.task_id for p in projections])
+    spent: dict[str, dict[str, ModelUsage]] = {}
+    for r in rows:
+        spent.setdefault(r["task_id"], {})[r["model"]] = ModelUsage(
+            prompt_tokens=r["prompt_tokens"],
+            completion_tokens=r["completion_tokens"],
+            cached_tokens=r["cached_tokens"],
+            calls=r["calls"],
+            cost_usd=r["cost_usd"],
+        )
+    return [
+        replace(p, usage=Usage(by_model=spent[p.task_id])) if p.task_id in spent else p
+        for p in projections
+    ]
 
 
 def _call_columns(calls: Sequence[LLMCalled]) -> list[list[Any]]:
