@@ -674,7 +674,9 @@ async def test_a_task_paused_by_its_budget_awaits_approval_and_its_step_resumes(
     assert history.task.usage == first + second
 
 
-async def test_a_late_event_replays_the_task_and_keeps_its_pause(database_url: str) -> None:
+async def test_a_late_event_replays_the_task_and_keeps_its_pause(
+    database_url: str, db: asyncpg.Connection
+) -> None:
     task_id = new_id("tsk")
     step = PlanStep(id="s1", title="t", instructions="i")
     paused_usage = usage("model-a", 10, 1, 1, 0.5)
@@ -710,7 +712,9 @@ async def test_a_late_event_replays_the_task_and_keeps_its_pause(database_url: s
         assert projection is not None
         assert projection.status is TaskStatus.AWAITING_APPROVAL  # the pause was replayed
         assert projection.steps[0].status == "paused"
-        assert projection.usage == paused_usage
+        stored = await db.fetchval("SELECT usage FROM tasks WHERE task_id = $1", task_id)
+        assert Usage.model_validate_json(stored) == paused_usage  # counted once, replayed
+        assert projection.usage == Usage.of("model-a", llm.usage)  # shown: every call made
         assert [e.seq for e in events] == [1, 2, 3, 4, 5, 6]
         await record(database, 7)
         projection, _ = await database.task_history(task_id)
