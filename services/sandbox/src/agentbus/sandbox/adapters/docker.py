@@ -82,7 +82,7 @@ _CREATE_ATTEMPTS = 4
 _REPLY_JSON_BUDGET = 768 * 1024  # leaves room under NATS's default 1 MB max_payload
 
 
-async def _going(container: Any, within_s: float = 1.0) -> bool:
+async def _going(container: Any, within_s: float = 5.0) -> bool:
     """Whether the container stops within ``within_s``: a removal under way kills
     its processes first and the engine reports it running until they are gone."""
     deadline = time.monotonic() + within_s
