@@ -3,13 +3,14 @@ reservations, pause when a call cannot fit, settle to the truth, warn at 80%."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
 
 from agentbus.contracts import Budget, BudgetKind, OnBudget, utcnow
 from agentbus.core.budget import Ledger, LedgerStatus, Limits, Spend, Verdict
-from agentbus.core.llm import ChatRequest, Message, PriceTable, ToolSpec
+from agentbus.core.llm import ChatRequest, Message, PriceTable, ToolCall, ToolSpec
 from agentbus.core.llm.budgeted import DialogueBounds, Measured, prompt_token_bound, worst_case
 
 
@@ -154,3 +155,19 @@ def test_a_changed_earlier_message_or_tool_falls_back_to_the_bytes_bound() -> No
     assert bounds.bound(key, Measured.of(retooled)) == prompt_token_bound(retooled)
     shorter = _dialogue("go")
     assert bounds.bound(key, Measured.of(shorter)) == prompt_token_bound(shorter)
+
+
+def test_tool_arguments_are_measured_as_sent_escaped_with_their_ids() -> None:
+    """The adapters send arguments as ASCII-escaped JSON: a CJK character is six bytes
+    (\\uXXXX) on the wire, not three, and call ids travel too."""
+    text = "日本語" * 100
+    call = ToolCall(id="call_" + "x" * 40, name="write_file", arguments={"content": text})
+    request = ChatRequest(
+        messages=[
+            Message(role="assistant", tool_calls=[call]),
+            Message(role="tool", tool_call_id=call.id, content="ok"),
+        ]
+    )
+    sent = len(json.dumps(call.arguments)) + 2 * len(call.id) + len("write_file")
+    assert len(json.dumps(call.arguments)) >= 6 * len(text)
+    assert prompt_token_bound(request) >= sent

@@ -21,6 +21,7 @@ from agentbus.core.llm import (
 )
 from agentbus.core.llm.base import BudgetRefused
 from agentbus.executor.domain import ExecResult, StepRunner, ToolEvent, clip, tool_specs
+from agentbus.executor.domain.loop import unanswered
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -399,3 +400,17 @@ async def test_a_step_paused_between_tool_calls_resumes_with_the_calls_left() ->
     assert ws.runs == [("python", f"print({i})") for i in (1, 2, 3)]
     assert len(asked) == 2  # the turn itself, then the call after all three results
     assert [m.tool_call_id for m in asked[1] if m.role == "tool"] == ["c1", "c2", "c3"]
+
+
+def test_unanswered_calls_are_matched_by_position_not_id() -> None:
+    """Some OpenAI-compatible servers give tool calls no id: results still pair with the
+    calls in order."""
+    calls = [ToolCall(id="", name="run_python", arguments={"code": str(i)}) for i in range(3)]
+    history = [
+        Message(role="user", content="go"),
+        Message(role="assistant", tool_calls=calls),
+        Message(role="tool", tool_call_id="", content="0"),
+    ]
+    assert unanswered(history) == calls[1:]
+    assert unanswered([*history[:2]]) == calls
+    assert unanswered([*history, Message(role="user", content="more")]) == []

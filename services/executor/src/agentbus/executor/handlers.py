@@ -23,7 +23,7 @@ from agentbus.contracts import (
     subjects,
 )
 from agentbus.core import semconv
-from agentbus.core.budget import BudgetLedger
+from agentbus.core.budget import BudgetLedger, LedgerStatus
 from agentbus.core.bus import (
     RpcError,
     event_subscriber,
@@ -93,8 +93,15 @@ def _outcome(event: StepReady, result: StepResult, files: list[str]) -> Event:
 async def run_step(deps: ExecutorDeps, event: StepReady, msg: NatsMessage) -> None:
     llm, ledger, checkpoints = deps.ready()
     # A paused attempt's dialogue, if any. Whether the task has ended is the ledger's
-    # answer to the first LLM call: a closed ledger refuses it and the step stops.
+    # answer to the first LLM call: a closed ledger refuses it and the step stops. A
+    # resumed step may first run the tool calls its paused turn had left, before any
+    # call, so it asks the ledger itself.
     saved = await checkpoints.load(event.task_id, event.step.id)
+    if saved is not None:
+        state = await ledger.load(event.task_id)
+        if state is not None and state.status is LedgerStatus.CLOSED:
+            log.info("step skipped: the task has ended", reason=state.closed_reason)
+            return
     tracer = trace.get_tracer("agentbus.executor", tracer_provider=deps.tracer_provider)
     workspace = SandboxWorkspace(
         deps.broker,

@@ -8,14 +8,15 @@ import asyncio
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import structlog
 
 from agentbus.contracts import LLMCalled
 
-from ..budget import BudgetLedger, Publish, Spend
-from .base import ChatRequest, ChatResponse, LLMError, LLMProvider
+from ..budget import BudgetLedger, LedgerStatus, Publish, Spend
+from .base import BudgetRefused, ChatRequest, ChatResponse, LLMError, LLMProvider
 from .pricing import PriceTable
 
 log = structlog.get_logger(__name__)
@@ -43,11 +44,11 @@ class Measured:
         fingerprint = hash(tools)
         sizes, prints = [], []
         for m in request.messages:
-            calls = tuple(
-                (c.name, json.dumps(c.arguments, ensure_ascii=False)) for c in m.tool_calls
-            )
-            size = len((m.content or "").encode()) + _PER_MESSAGE
-            size += sum(len(name) + len(arguments.encode()) for name, arguments in calls)
+            # As the adapters send them: arguments as ASCII-escaped JSON (a CJK character
+            # is six bytes there), and the ids that pair calls with results.
+            calls = tuple((c.id, c.name, json.dumps(c.arguments)) for c in m.tool_calls)
+            size = len((m.content or "").encode()) + len(m.tool_call_id or "") + _PER_MESSAGE
+            size += sum(len(i) + len(name) + len(arguments) for i, name, arguments in calls)
             fingerprint = hash((fingerprint, m.role, m.content, m.tool_call_id, calls))
             sizes.append(size)
             prints.append(fingerprint)
@@ -116,6 +117,19 @@ def worst_case(
     return Spend(cost_usd=cost, tokens=prompt + request.max_tokens, llm_calls=1)
 
 
+def _report(publishing: Awaitable[object]) -> asyncio.Future[object]:
+    """Publish in the background; a failure is logged even if nobody awaits it (the
+    settle failed first, or the caller was cancelled)."""
+    future = asyncio.ensure_future(publishing)
+
+    def done(f: asyncio.Future[object]) -> None:
+        if not f.cancelled() and f.exception() is not None:
+            log.warning("could not publish LLMCalled", error=repr(f.exception()))
+
+    future.add_done_callback(done)
+    return future
+
+
 class BudgetedProvider:
     """Wraps a provider; calls without a ``task_id`` pass unbudgeted."""
 
@@ -148,6 +162,8 @@ class BudgetedProvider:
         """A model with no price cannot be held to a cost budget: a task with one fails
         its call with the fix; other tasks' calls count $0 (logged once per model)."""
         ledger = await self.ledger.load(task_id)
+        if ledger is not None and ledger.status is LedgerStatus.CLOSED:
+            raise BudgetRefused(ledger.closed_reason or "the task has ended", closed=True)
         if ledger is not None and ledger.limits.cost_usd is not None:
             raise LLMError(
                 f"model {model!r} has no price, so this task's cost budget cannot be "
@@ -175,29 +191,29 @@ class BudgetedProvider:
         want = worst_case(request, model, self.prices, prompt_tokens=prompt_bound)
         started = time.perf_counter()
         step_id = request.step_id or ""
-        reported: asyncio.Future[object] | None = None
-        try:
-            async with self.ledger.hold(
-                task_id, want, publish=self.publish, step_id=step_id, ttl_s=self.ttl_s
-            ) as hold:
-                response = await self.inner.chat(request)
-                usage = response.usage
-                self._dialogues.learn(dialogue, measured, usage.prompt_tokens)
-                hold.actual = Spend(cost_usd=usage.cost_usd, tokens=usage.total_tokens, llm_calls=1)
-                called = LLMCalled(
-                    task_id=task_id,
-                    role=self.role,
-                    step_id=step_id,
-                    conversation=request.conversation,
-                    model=response.model,
-                    usage=usage,
-                    reserved_tokens=want.tokens,
-                    reserved_cost_usd=want.cost_usd,
-                    duration_ms=(time.perf_counter() - started) * 1000,
+        async with self.ledger.hold(
+            task_id, want, publish=self.publish, step_id=step_id, ttl_s=self.ttl_s
+        ) as hold:
+            response = await self.inner.chat(request)
+            usage = response.usage
+            self._dialogues.learn(dialogue, measured, usage.prompt_tokens)
+            hold.actual = Spend(cost_usd=usage.cost_usd, tokens=usage.total_tokens, llm_calls=1)
+            # On its way while the ledger settles (two round trips at once), and on to
+            # the end even if this step is cancelled meanwhile: the call was made.
+            reported = _report(
+                self.publish(
+                    LLMCalled(
+                        task_id=task_id,
+                        role=self.role,
+                        step_id=step_id,
+                        conversation=request.conversation,
+                        model=response.model,
+                        usage=usage,
+                        reserved_tokens=want.tokens,
+                        reserved_cost_usd=want.cost_usd,
+                        duration_ms=(time.perf_counter() - started) * 1000,
+                    )
                 )
-                # On its way while the ledger settles: two round trips at once.
-                reported = asyncio.ensure_future(self.publish(called))
-        finally:
-            if reported is not None:
-                await reported
+            )
+        await asyncio.shield(reported)
         return response

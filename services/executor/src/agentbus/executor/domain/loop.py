@@ -124,13 +124,15 @@ class _LoopGuard:
 
 
 def unanswered(messages: list[Message]) -> list[ToolCall]:
-    """The last turn's tool calls that have no result yet (a step paused between them)."""
-    answered: set[str | None] = set()
+    """The last turn's tool calls that have no result yet (a step paused between them).
+    Results follow their calls in order, so they are matched by position: some
+    OpenAI-compatible servers give tool calls no id."""
+    results = 0
     for message in reversed(messages):
         if message.role == "tool":
-            answered.add(message.tool_call_id)
+            results += 1
         elif message.role == "assistant":
-            return [c for c in message.tool_calls if c.id not in answered]
+            return message.tool_calls[results:]
         else:
             return []
     return []

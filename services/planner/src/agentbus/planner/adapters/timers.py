@@ -23,6 +23,9 @@ from agentbus.core.kv import open_bucket
 
 log = structlog.get_logger(__name__)
 
+_LOAD_WAIT_S = 30.0
+_KEEP_MARKERS_S = 3600
+
 
 class TimerStore:
     def __init__(self, kv: KeyValue) -> None:
@@ -37,6 +40,10 @@ class TimerStore:
         cls, js: JetStreamContext, bucket: str = subjects.PLANNER_TIMERS_BUCKET
     ) -> TimerStore:
         store = cls(await open_bucket(js, bucket))
+        # Ended tasks leave delete markers, which a new watcher would replay: drop the
+        # old ones, so starting up reads the live tasks, not every task there ever was.
+        with contextlib.suppress(Exception):
+            await store._kv.purge_deletes(olderthan=_KEEP_MARKERS_S)
         store._watcher = await store._kv.watchall()
         store._follow = asyncio.create_task(store._run(store._watcher), name="planner-timers")
         return store
@@ -66,7 +73,6 @@ class TimerStore:
     async def set(self, task_id: str, at: datetime | None) -> None:
         """Look at the task again at ``at``; None forgets it (the task has ended)."""
         if at is None:
-            self._deadlines.pop(task_id, None)
             try:
                 await self._kv.delete(task_id)
             except KeyNotFoundError:
@@ -74,10 +80,14 @@ class TimerStore:
             return
         if self._deadlines.get(task_id) == at:
             return  # as the bucket has it already: an event that moved nothing costs nothing
+        # The map is the watcher's alone, so it follows the bucket's order of writes: a
+        # newer deadline from another replica is never overwritten by this one after it.
         await self._kv.put(task_id, at.isoformat().encode())
-        self._deadlines[task_id] = at
 
     async def due(self, now: datetime) -> list[str]:
-        """Tasks whose deadline has passed (once the watcher has loaded the bucket)."""
-        await self._loaded.wait()
+        """Tasks whose deadline has passed (once the watcher has loaded the bucket; a
+        load that takes longer than ``_LOAD_WAIT_S`` fails this sweep, and the sweeper
+        logs it and tries again)."""
+        async with asyncio.timeout(_LOAD_WAIT_S):
+            await self._loaded.wait()
         return [task_id for task_id, at in self._deadlines.items() if at <= now]

@@ -188,6 +188,12 @@ class WarmPool:
                     return None
                 await self._discard(entry)  # gone or broken: try the next
                 continue
+            except asyncio.CancelledError:
+                # Renamed or not, it is no pool container of ours any more: under its
+                # task's name the idle reaper takes it, under its pool name the orphan
+                # rule does.
+                self._owned.discard(entry.name)
+                raise
             self._owned.discard(entry.name)  # the task's now, under its task name
             try:
                 await asyncio.to_thread(entry.workspace.rename, target)
