@@ -38,22 +38,26 @@ async def eventually(
         await asyncio.sleep(0.05)
 
 
-async def dead_letters(js: JetStreamContext, service: str, subject: str) -> list[dict[str, Any]]:
-    """Letters in ``service``'s dead-letter subject about messages published on ``subject``."""
+async def stored(js: JetStreamContext, subject_filter: str, quiet_s: float = 0.5) -> list[bytes]:
+    """Every stored message on ``subject_filter``, oldest first: read until none comes
+    for ``quiet_s``."""
     sub = await js.subscribe(
-        subjects.dlq_subject(service), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        subject_filter, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
     )
-    letters = []
+    found = []
     try:
         while True:
-            msg = await sub.next_msg(timeout=0.5)
-            letter = json.loads(msg.data)
-            if letter["subject"] == subject:
-                letters.append(letter)
+            found.append((await sub.next_msg(timeout=quiet_s)).data)
     except nats.errors.TimeoutError:
-        return letters
+        return found
     finally:
         await sub.unsubscribe()
+
+
+async def dead_letters(js: JetStreamContext, service: str, subject: str) -> list[dict[str, Any]]:
+    """Letters in ``service``'s dead-letter subject about messages published on ``subject``."""
+    letters = [json.loads(data) for data in await stored(js, subjects.dlq_subject(service))]
+    return [letter for letter in letters if letter["subject"] == subject]
 
 
 async def run_task(broker: NatsBroker, goal: str, budget: Budget | None = None) -> list[Event]:

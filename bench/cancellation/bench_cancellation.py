@@ -41,9 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiodocker
-import nats.errors
 from faststream.nats import NatsBroker
-from nats.js.api import DeliverPolicy
 
 from agentbus.cli import client
 from agentbus.cli.stack import EmbeddedStack
@@ -64,6 +62,7 @@ from agentbus.contracts import (
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the scripted model lives with the tests
 from tests.scripted_llm import ScriptedLLM, llm_env, scripted_llm  # noqa: E402
+from tests.support import stored  # noqa: E402
 
 TASKS = 20
 CONCURRENCY = 4
@@ -184,20 +183,11 @@ async def cancel_one(
 
 async def all_events(broker: NatsBroker, task_id: str) -> list[Event]:
     """Every event of the task in the stream, including any after the terminal one."""
-    js = broker.config.connection_state.stream
-    sub = await js.subscribe(
-        subjects.task_filter(task_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-    )
     events = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=0.5)
-            with contextlib.suppress(ValueError):
-                events.append(parse_event(msg.data))
-    except nats.errors.TimeoutError:
-        return events
-    finally:
-        await sub.unsubscribe()
+    for data in await stored(broker.config.connection_state.stream, subjects.task_filter(task_id)):
+        with contextlib.suppress(ValueError):
+            events.append(parse_event(data))
+    return events
 
 
 def steps_stopped(log_dir: Path) -> int:
