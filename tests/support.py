@@ -16,7 +16,15 @@ from nats.js.api import DeliverPolicy
 
 from agentbus.cli import client
 from agentbus.cli.stack import EmbeddedStack
-from agentbus.contracts import Budget, Event, TaskSubmitted, new_id, subjects
+from agentbus.contracts import (
+    Budget,
+    Event,
+    Language,
+    SandboxExecReply,
+    TaskSubmitted,
+    new_id,
+    subjects,
+)
 from agentbus.sandbox import Settings as SandboxSettings
 from agentbus.sandbox.adapters.docker import DockerSandbox
 
@@ -108,3 +116,17 @@ async def sandbox_on_own_root(
         yield sandbox
     finally:
         await sandbox.close()
+
+
+async def run_direct(
+    sandbox: DockerSandbox,
+    task_id: str,
+    code: str,
+    *,
+    language: Language = Language.PYTHON,
+    timeout_s: float = 20,
+) -> SandboxExecReply:
+    """Run code on a DockerSandbox directly (no service in between), no env or stdin."""
+    return await sandbox.run_code(
+        task_id, language=language, code=code, timeout_s=timeout_s, env={}, stdin=None
+    )

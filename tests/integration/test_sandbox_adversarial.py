@@ -39,7 +39,7 @@ from agentbus.sandbox import Settings, create_app
 from agentbus.sandbox.adapters.workspace import disk_usage
 from tests.integration import test_sandbox_service as base
 from tests.integration.test_sandbox_service import call, run, task_containers
-from tests.support import sandbox_on_own_root
+from tests.support import run_direct, sandbox_on_own_root
 
 pytestmark = pytest.mark.integration
 
@@ -382,14 +382,7 @@ async def test_a_container_left_running_after_its_task_is_reaped(
         await orphan.start()
         task = new_id("tsk")
         busy = asyncio.create_task(
-            sandbox.run_code(
-                task,
-                language=Language.PYTHON,
-                code="import time; time.sleep(3)",
-                timeout_s=10,
-                env={},
-                stdin=None,
-            )
+            run_direct(sandbox, task, "import time; time.sleep(3)", timeout_s=10)
         )
         await asyncio.sleep(2)
         assert len(await task_containers(docker, task)) == 1  # busy: not idle

@@ -44,7 +44,7 @@ from agentbus.sandbox import Settings, create_app
 from agentbus.sandbox.adapters import cgroup
 from agentbus.sandbox.adapters.docker import DockerSandbox
 from agentbus.sandbox.domain import SandboxUnavailable
-from tests.support import sandbox_on_own_root
+from tests.support import run_direct, sandbox_on_own_root
 
 pytestmark = pytest.mark.integration
 
@@ -259,12 +259,8 @@ async def test_cpu_seconds_are_measured_without_sight_of_the_host_cgroups(
     )
     task = new_id("tsk")
     try:
-        busy = await sandbox.run_code(
-            task, language=Language.PYTHON, code=BUSY_1S, timeout_s=20, env={}, stdin=None
-        )
-        sleeping = await sandbox.run_code(
-            task, language=Language.BASH, code="sleep 1", timeout_s=20, env={}, stdin=None
-        )
+        busy = await run_direct(sandbox, task, BUSY_1S)
+        sleeping = await run_direct(sandbox, task, "sleep 1", language=Language.BASH)
     finally:
         await sandbox.destroy(task)
         await sandbox.close()
@@ -566,14 +562,7 @@ async def test_a_task_resumed_after_its_container_was_reaped_finds_its_files(
         try:
             await sandbox.wait_pool_full()
             await sandbox.write_file(task, "notes/plan.md", "step 1 done\n")
-            made = await sandbox.run_code(
-                task,
-                language=Language.PYTHON,
-                code="open('data.csv', 'w').write('a,b\\n1,2\\n')",
-                timeout_s=20,
-                env={},
-                stdin=None,
-            )
+            made = await run_direct(sandbox, task, "open('data.csv', 'w').write('a,b\\n1,2\\n')")
             assert made.outcome is ExecOutcome.OK, made
             (first,) = await task_containers(docker, task)
 
@@ -583,13 +572,8 @@ async def test_a_task_resumed_after_its_container_was_reaped_finds_its_files(
                 await asyncio.sleep(0.2)
             await sandbox.wait_pool_full()  # an empty warm container waits, too
 
-            resumed = await sandbox.run_code(
-                task,
-                language=Language.BASH,
-                code="cat data.csv notes/plan.md",
-                timeout_s=20,
-                env={},
-                stdin=None,
+            resumed = await run_direct(
+                sandbox, task, "cat data.csv notes/plan.md", language=Language.BASH
             )
             assert resumed.outcome is ExecOutcome.OK, resumed
             assert resumed.stdout == "a,b\n1,2\nstep 1 done\n"
