@@ -70,20 +70,18 @@ class Service:
             settings,
             metrics=RateLimitMetrics(self.metrics),
         )
-        base = build_provider(settings, role, limiter=limiter)
+        prices = PriceTable.load(settings.prices_file)
+        base = build_provider(settings, role, limiter=limiter, prices=prices)
         observed = ObservedProvider(
             base, role=role, tracer_provider=self.tracer_provider, metrics=LLMMetrics(self.metrics)
-        )
-        model = (settings.planner_model if role == "planner" else settings.executor_model) or (
-            settings.model
         )
         return BudgetedProvider(
             observed,
             ledger=ledger,
-            prices=PriceTable.load(settings.prices_file),
+            prices=prices,
             publish=lambda event: publish_event(self.broker, event),
             role=role,
-            default_model=model or str(getattr(base, "model", "")),
+            default_model=settings.model_for(role) or str(getattr(base, "model", "")),
             reservation_ttl_s=settings.timeout_s * 4 + 60,
         )
 

@@ -96,6 +96,10 @@ class LLMSettings(BaseSettings):
         "Retry-After) before it fails.",
     )
 
+    def model_for(self, role: Literal["planner", "executor"]) -> str:
+        """The model a role asks for: its own if set, else ``model``."""
+        return (self.planner_model if role == "planner" else self.executor_model) or self.model
+
     @property
     def resolved_provider(self) -> str:
         if self.provider:

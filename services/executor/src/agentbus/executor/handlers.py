@@ -121,7 +121,7 @@ async def run_step(deps: ExecutorDeps, event: StepReady, msg: NatsMessage) -> No
             if deps.use_memory
             else None
         ),
-        model=deps.llm_settings.executor_model or deps.llm_settings.model,
+        model=deps.llm_settings.model_for("executor"),
         max_iterations=deps.max_iterations,
         max_tokens=deps.llm_settings.max_tokens,
     )

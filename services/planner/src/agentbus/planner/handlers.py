@@ -103,7 +103,7 @@ async def _ask(
     reply = await deps.ready_llm.chat(
         ChatRequest(
             messages=messages,
-            model=deps.llm_settings.planner_model or deps.llm_settings.model,
+            model=deps.llm_settings.model_for("planner"),
             max_tokens=deps.llm_settings.max_tokens,
             json_output=conversation == "planner/plan",
             conversation=conversation,

@@ -39,11 +39,14 @@ def build_provider(
     role: Literal["planner", "executor"],
     *,
     limiter: RateGate | None = None,
+    prices: PriceTable | None = None,
 ) -> LLMProvider:
     """The provider for one role; raises LLMError with a how-to when none is configured.
     Every HTTP call passes ``limiter`` when given (see :func:`open_rate_limiter`); the
-    replay provider makes no calls and ignores it."""
-    provider = _base_provider(settings, role, limiter)
+    replay provider makes no calls and ignores it. ``prices`` defaults to the table
+    ``AGENTBUS_LLM_PRICES_FILE`` names."""
+    prices = prices or PriceTable.load(settings.prices_file)
+    provider = _base_provider(settings, role, limiter, prices)
     if settings.record_dir is not None:
         return RecordingProvider(provider, settings.record_dir)
     return provider
@@ -71,17 +74,17 @@ async def open_rate_limiter(
 
 
 def _base_provider(
-    settings: LLMSettings, role: Literal["planner", "executor"], limiter: RateGate | None
+    settings: LLMSettings,
+    role: Literal["planner", "executor"],
+    limiter: RateGate | None,
+    prices: PriceTable,
 ) -> LLMProvider:
-    prices = PriceTable.load(settings.prices_file)
     kind = settings.resolved_provider
     if kind == "replay":
         if settings.replay_file is None:
             raise LLMError("AGENTBUS_LLM_PROVIDER=replay needs AGENTBUS_LLM_REPLAY_FILE")
         return ReplayProvider.from_file(settings.replay_file, prices)
-    model = (settings.planner_model if role == "planner" else settings.executor_model) or (
-        settings.model
-    )
+    model = settings.model_for(role)
     key = settings.api_key.get_secret_value() if settings.api_key else None
     if kind == "openai":
         if not settings.base_url or not model:
