@@ -52,6 +52,8 @@ from .llm.base import BudgetRefused
 Publish = Callable[[Event], Awaitable[object]]
 
 WARN_AT = 0.8
+# Joins a BudgetExhausted reason (what ran out) to how to approve more.
+WAITING_FOR_APPROVAL = "; waiting for approval: "
 _SETTLED_KEEP = 200
 
 
@@ -302,7 +304,7 @@ class Ledger(BaseModel):
         )
         hint = approve_hint(self.task_id, ex.kind)
         action = (
-            f"; waiting for approval: {hint}"
+            f"{WAITING_FOR_APPROVAL}{hint}"
             if self.policy is OnBudget.PAUSE
             else f"; raise the budget ({ex.kind.value}) and run the task again"
         )

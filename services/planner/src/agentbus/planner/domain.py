@@ -39,6 +39,7 @@ from agentbus.contracts import (
     parse_event,
     utcnow,
 )
+from agentbus.core.budget import WAITING_FOR_APPROVAL
 
 _APPLIED_KEEP = 500
 
@@ -298,7 +299,7 @@ class TaskState(BaseModel):
             return
         waited = (now - self.paused_at).total_seconds() if self.paused_at else 0.0
         self.fail(
-            f"{self.exhausted_reason.split('; waiting for approval')[0]}; "
+            f"{self.exhausted_reason.split(WAITING_FOR_APPROVAL)[0]}; "
             f"no approval came within {waited:.0f} s, so the task stopped"
         )
 

@@ -160,16 +160,13 @@ async def _plan(deps: PlannerDeps, state: TaskState) -> TaskState | None:
         Message(role=r, content=c)
         for r, c in domain.plan_messages(state.goal, state.budget, remaining)
     ]
-    try:
-        plan, usage, error = await ask_with_repair(
-            deps,
-            "planner/plan",
-            messages,
-            lambda text: domain.parse_plan(text, state.budget),
-            state.task_id,
-        )
-    except BudgetRefused:
-        return state  # BudgetExhausted moves the task to awaiting approval
+    plan, usage, error = await ask_with_repair(
+        deps,
+        "planner/plan",
+        messages,
+        lambda text: domain.parse_plan(text, state.budget),
+        state.task_id,
+    )
     log.info("planned", steps=len(plan.steps) if plan else 0, error=error or None)
 
     def apply(current: TaskState | None) -> TaskState | None:
@@ -189,16 +186,13 @@ async def _replan(deps: PlannerDeps, state: TaskState) -> TaskState | None:
     remaining = await _remaining(deps, state.task_id)
     messages = [Message(role=r, content=c) for r, c in domain.replan_messages(state, remaining)]
     revision = state.revision
-    try:
-        steps, usage, error = await ask_with_repair(
-            deps,
-            f"planner/replan-{state.replans + 1}",
-            messages,
-            lambda text: domain.parse_replan(text, state),
-            state.task_id,
-        )
-    except BudgetRefused:
-        return state
+    steps, usage, error = await ask_with_repair(
+        deps,
+        f"planner/replan-{state.replans + 1}",
+        messages,
+        lambda text: domain.parse_replan(text, state),
+        state.task_id,
+    )
 
     def apply(current: TaskState | None) -> TaskState | None:
         if current is None or current.phase is not TaskPhase.REPLANNING:
@@ -220,7 +214,7 @@ async def _finish(deps: PlannerDeps, state: TaskState) -> TaskState | None:
     try:
         answer, usage = await _ask(deps, "planner/answer", messages, state.task_id)
     except BudgetRefused:
-        return state
+        raise  # not a failure: follow_up leaves the task to its approval
     except LLMError as exc:
         reason = f"writing the final answer failed: the LLM call failed: {exc}"
 
@@ -252,9 +246,12 @@ async def follow_up(deps: PlannerDeps, state: TaskState | None, msg: NatsMessage
     async with beat or contextlib.nullcontext():
         while state is not None and state.phase in _WORK:
             phase = state.phase
-            state = await _WORK[phase](deps, state)
+            try:
+                state = await _WORK[phase](deps, state)
+            except BudgetRefused:
+                break  # paused for approval (BudgetExhausted says so): the approval resumes it
             if state is not None and state.phase is phase:
-                break  # paused for approval: the approval resumes it
+                break  # no progress here (another replica has it)
     await _publish_outbox(deps, state)
     if state is not None:
         await _watch(deps, state)
