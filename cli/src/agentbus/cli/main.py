@@ -65,10 +65,9 @@ def _run_file(home: Path, task_id: str) -> Path:
 
 
 @contextlib.contextmanager
-def _announced(home: Path, task_id: str, nats_url: str) -> Iterator[None]:
-    """While ``run`` follows a task on its own embedded stack, say where, so that
-    ``agentbus approve``/``cancel`` in another terminal can reach it."""
-    path = _run_file(home, task_id)
+def _announced(path: Path, nats_url: str) -> Iterator[None]:
+    """While this process runs an embedded stack, say where (``path``), so commands in
+    another terminal (``agentbus run``/``approve``/``cancel``) can reach it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"pid": os.getpid(), "nats_url": nats_url}))
     try:
@@ -77,10 +76,10 @@ def _announced(home: Path, task_id: str, nats_url: str) -> Iterator[None]:
         path.unlink(missing_ok=True)
 
 
-def _running_run_stack(home: Path, task_id: str) -> str | None:
-    """The NATS URL of the embedded stack an ``agentbus run`` of this task started."""
+def _live_stack(path: Path) -> str | None:
+    """The NATS URL announced in ``path`` if the process that announced it still runs."""
     try:
-        info = json.loads(_run_file(home, task_id).read_text())
+        info = json.loads(path.read_text())
         os.kill(int(info["pid"]), 0)
     except (OSError, ValueError, KeyError):
         return None
@@ -89,12 +88,7 @@ def _running_run_stack(home: Path, task_id: str) -> str | None:
 
 def _running_up_stack(home: Path) -> str | None:
     """The NATS URL of a live ``agentbus up`` on this machine, if any."""
-    try:
-        info = json.loads(_stack_file(home).read_text())
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError):
-        return None
-    return str(info["nats_url"])
+    return _live_stack(_stack_file(home))
 
 
 @contextlib.asynccontextmanager
@@ -209,7 +203,11 @@ async def _run(args: argparse.Namespace) -> int:
                 semconv.SPAN_TASK, attributes={semconv.TASK_ID: task.task_id}
             ) as span:
                 trace_id = format(span.get_span_context().trace_id, "032x")
-                with _announced(home, task.task_id, url) if embedded else contextlib.nullcontext():
+                with (
+                    _announced(_run_file(home, task.task_id), url)
+                    if embedded
+                    else contextlib.nullcontext()
+                ):
                     code = await _submit_and_follow(broker, task, home, embedded)
         _print_trace(trace_id, telemetry)
         await asyncio.to_thread(provider.shutdown)  # flush the spans
@@ -328,22 +326,21 @@ async def _up(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         async with EmbeddedStack(home=home, replicas=replicas, extra_env=env) as stack:
-            _stack_file(home).write_text(
-                json.dumps({"pid": os.getpid(), "nats_url": stack.nats_url})
-            )
-            print(f"agentbus is up: NATS {stack.nats_url}")
-            for p in stack.services.processes if stack.services else []:
-                print(f"  {p.name}[{p.index}]  pid {p.proc.pid:<8} {p.url}/metrics  {p.url}/readyz")
-            print(f'logs in {home / "logs"}; submit with: agentbus run --task "..."; Ctrl-C stops')
-            while not stop.is_set():
-                stack.check_alive()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+            with _announced(_stack_file(home), stack.nats_url or ""):
+                print(f"agentbus is up: NATS {stack.nats_url}")
+                for p in stack.services.processes if stack.services else []:
+                    urls = f"{p.url}/metrics  {p.url}/readyz"
+                    print(f"  {p.name}[{p.index}]  pid {p.proc.pid:<8} {urls}")
+                print(
+                    f'logs in {home / "logs"}; submit with: agentbus run --task "..."; Ctrl-C stops'
+                )
+                while not stop.is_set():
+                    stack.check_alive()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=1.0)
     except StackError as exc:
         print(f"agentbus: {exc}", file=sys.stderr)
         return 3
-    finally:
-        _stack_file(home).unlink(missing_ok=True)
     print("agentbus stopped")
     return 0
 
@@ -402,7 +399,11 @@ async def _tasks_show(args: argparse.Namespace) -> int:
 async def _publish(event: TaskCancelRequested | TaskApproved) -> int:
     """Publish a control event to the stack running the task (any client may)."""
     home = agentbus_home()
-    url = _external_nats_url() or _running_up_stack(home) or _running_run_stack(home, event.task_id)
+    url = (
+        _external_nats_url()
+        or _running_up_stack(home)
+        or _live_stack(_run_file(home, event.task_id))
+    )
     if not url:
         print(
             "agentbus: no running stack: set AGENTBUS_NATS_URL or start one with 'agentbus up'",
