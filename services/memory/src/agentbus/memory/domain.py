@@ -46,6 +46,7 @@ from agentbus.contracts import (
     TaskCancelled,
     TaskCancelRequested,
     TaskCompleted,
+    TaskCost,
     TaskFailed,
     TaskStatus,
     TaskSubmitted,
@@ -609,17 +610,6 @@ class Found:
 
 
 @dataclass(frozen=True)
-class TaskSpend:
-    """One task of a cost report and what it spent."""
-
-    task_id: str
-    goal: str
-    status: TaskStatus
-    created_at: datetime
-    usage: Usage
-
-
-@dataclass(frozen=True)
 class CostReport:
     """Spend over a time range: task count, per-model sums (ModelUsage fields), top tasks.
 
@@ -630,7 +620,7 @@ class CostReport:
 
     tasks: int
     by_model: dict[str, dict[str, Any]]
-    costliest: list[TaskSpend]
+    costliest: list[TaskCost]
 
     def model_usage(self) -> dict[str, ModelUsage]:
         return {

@@ -44,7 +44,6 @@ from agentbus.contracts import (
     MemorySearchReply,
     MemorySearchRequest,
     StepSummary,
-    TaskCost,
     TaskHistoryReply,
     TaskHistoryRequest,
     TaskListReply,
@@ -247,16 +246,7 @@ async def answer_costs(db: Database | None, request: CostsRequest) -> CostsReply
         tasks=report.tasks,
         total=report.total(),
         by_model=report.model_usage(),
-        by_task=[
-            TaskCost(
-                task_id=t.task_id,
-                goal=t.goal,
-                status=t.status,
-                created_at=t.created_at,
-                usage=t.usage,
-            )
-            for t in report.costliest
-        ],
+        by_task=report.costliest,
     )
 
 

@@ -34,7 +34,7 @@ from agentbus.contracts import (
     LLMCalled,
     ModelUsage,
     StoredEvent,
-    TaskStatus,
+    TaskCost,
     Usage,
     parse_event,
 )
@@ -441,16 +441,7 @@ class Database:
         return domain.CostReport(
             tasks=int(count),
             by_model={r["model"]: dict(r) for r in by_model},
-            costliest=[
-                domain.TaskSpend(
-                    task_id=r["task_id"],
-                    goal=r["goal"],
-                    status=TaskStatus(r["status"]),
-                    created_at=r["created_at"],
-                    usage=Usage.model_validate(r["usage"]),
-                )
-                for r in top
-            ],
+            costliest=[TaskCost.model_validate(dict(r)) for r in top],
         )
 
     # --- reads -----------------------------------------------------------------------
@@ -676,13 +667,7 @@ async def _with_spend(
     rows = await conn.fetch(_SPENT_BY, [p.task_id for p in projections])
     spent: dict[str, dict[str, ModelUsage]] = {}
     for r in rows:
-        spent.setdefault(r["task_id"], {})[r["model"]] = ModelUsage(
-            prompt_tokens=r["prompt_tokens"],
-            completion_tokens=r["completion_tokens"],
-            cached_tokens=r["cached_tokens"],
-            calls=r["calls"],
-            cost_usd=r["cost_usd"],
-        )
+        spent.setdefault(r["task_id"], {})[r["model"]] = ModelUsage.model_validate(dict(r))
     return [
         replace(p, usage=Usage(by_model=spent[p.task_id])) if p.task_id in spent else p
         for p in projections
