@@ -199,8 +199,6 @@ class StepRunner:
             if ended is not None:
                 return ended
         for iteration in range(done_turns + 1, self.max_iterations + 1):
-            # Where a paused step resumes when this call is refused: before it.
-            checkpoint = list(messages)
             try:
                 reply = await self.llm.chat(
                     ChatRequest(
@@ -213,8 +211,8 @@ class StepRunner:
                         step_id=step.id,
                     )
                 )
-            except BudgetRefused as exc:
-                return turn.stopped(exc, iteration, checkpoint)
+            except BudgetRefused as exc:  # resumes before this call
+                return turn.stopped(exc, iteration, list(messages))
             except LLMError as exc:
                 return StepResult(
                     False, error=f"LLM call failed: {exc}", usage=turn.usage, iterations=iteration

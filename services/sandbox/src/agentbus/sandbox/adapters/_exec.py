@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,22 +189,15 @@ async def is_running(container: Any) -> bool:
     return str(info.get("State", {}).get("Status")) == "running"
 
 
-async def oom_kills(container: Any) -> int | None:
-    """The container cgroup's OOM-kill counter; None if it cannot be read."""
+async def _probe(
+    container: Any, argv: list[str], parse: Callable[[bytes], int | None]
+) -> int | None:
+    """Run a small read-only command in the container and parse what it prints; None if
+    it cannot be run or read."""
     try:
-        execution = await start_exec(container, domain.OOM_COUNTER_ARGV)
+        execution = await start_exec(container, argv)
         run = await collect(execution, deadline_s=10, cap=4096)
-    except (aiodocker.DockerError, aiohttp.ClientError, OSError, SandboxError):
-        return None
-    return domain.parse_oom_kills(run.stdout.data)
-
-
-async def cpu_usage_inside(container: Any) -> int | None:
-    """The container cgroup's CPU counter in microseconds; None if it cannot be read."""
-    try:
-        execution = await start_exec(container, domain.CPU_USAGE_ARGV)
-        run = await collect(execution, deadline_s=10, cap=4096)
-        return domain.parse_cpu_usage(run.stdout.data)
+        return parse(run.stdout.data)
     except (
         aiodocker.DockerError,
         aiohttp.ClientError,
@@ -214,3 +207,13 @@ async def cpu_usage_inside(container: Any) -> int | None:
         ValueError,
     ):
         return None
+
+
+async def oom_kills(container: Any) -> int | None:
+    """The container cgroup's OOM-kill counter; None if it cannot be read."""
+    return await _probe(container, domain.OOM_COUNTER_ARGV, domain.parse_oom_kills)
+
+
+async def cpu_usage_inside(container: Any) -> int | None:
+    """The container cgroup's CPU counter in microseconds; None if it cannot be read."""
+    return await _probe(container, domain.CPU_USAGE_ARGV, domain.parse_cpu_usage)

@@ -397,24 +397,17 @@ class DockerSandbox:
                             stdin=domain.ready_instruction(list(argv), env or {}),
                             started_stream=ready.stream,
                         )
-                        return await self._after_run(
-                            task_id,
-                            box,
-                            run,
-                            deadline_s,
-                            measure_cpu=measure_cpu,
-                            cpu_before=before,
-                        )
-                    try:
-                        execution = await start_exec(
-                            box.container, argv, env=env, stdin=stdin is not None
-                        )
-                    except aiodocker.DockerError as exc:
-                        if attempt == 1 and exc.status in {404, 409}:
-                            await self._forget(task_id)
-                            continue
-                        raise
-                    run = await collect(execution, deadline_s=deadline_s, cap=cap, stdin=stdin)
+                    else:
+                        try:
+                            execution = await start_exec(
+                                box.container, argv, env=env, stdin=stdin is not None
+                            )
+                        except aiodocker.DockerError as exc:
+                            if attempt == 1 and exc.status in {404, 409}:
+                                await self._forget(task_id)
+                                continue
+                            raise
+                        run = await collect(execution, deadline_s=deadline_s, cap=cap, stdin=stdin)
             except SandboxError:
                 await self._forget(task_id)
                 raise
