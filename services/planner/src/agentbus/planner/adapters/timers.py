@@ -73,6 +73,10 @@ class TimerStore:
     async def set(self, task_id: str, at: datetime | None) -> None:
         """Look at the task again at ``at``; None forgets it (the task has ended)."""
         if at is None:
+            if self._loaded.is_set() and task_id not in self._deadlines:
+                # Gone already (every later event of an ended task lands here). Should the
+                # watcher lag behind a deadline just set, the sweep finds it and ends it.
+                return
             try:
                 await self._kv.delete(task_id)
             except KeyNotFoundError:
