@@ -400,12 +400,18 @@ def add_health_responder(
     router: NatsBroker | NatsRouter,
     service: str,
     check: Callable[[], Any] | None = None,
+    fault: Callable[[], str | None] = lambda: None,
 ) -> None:
-    """Answer ``agentbus.rpc.<service>.health`` so clients can tell a replica is ready."""
+    """Answer ``agentbus.rpc.<service>.health`` so clients can tell a replica is ready.
+    A replica with a ``fault`` (a start-up check failed) answers ``ok=False`` with it."""
     me = instance_id()
 
     @router.subscriber(subjects.health_subject(service), queue=f"agentbus-{service}-health")
     async def health(_: HealthRequest) -> HealthReply:
+        if (reason := fault()) is not None:
+            return HealthReply(
+                ok=False, error=reason, service=service, instance=me, status="degraded"
+            )
         ok = True
         if check is not None:
             result = check()

@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 import uvicorn
 from faststream import FastStream
 from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
-from faststream.nats import NatsBroker
+from faststream.nats import NatsBroker, NatsRouter
 from faststream.specification import AsyncAPI
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, Gauge, make_asgi_app
@@ -42,6 +42,8 @@ class Service:
     tracer_provider: TracerProvider
     metrics: CollectorRegistry
     readiness: list[Callable[[], Awaitable[bool]]] = field(default_factory=list)
+    routes: list[NatsRouter] = field(default_factory=list)
+    fault: str | None = None
 
     @classmethod
     def create(
@@ -55,8 +57,24 @@ class Service:
         metrics = CollectorRegistry()
         broker = create_broker(name, settings.bus, tracer_provider=provider, metrics=metrics)
         service = cls(name, settings, broker, provider, metrics)
-        add_health_responder(broker, name, service.ready)
+        add_health_responder(broker, name, service.ready, fault=lambda: service.fault)
         return service
+
+    def serve(self, router: NatsRouter) -> None:
+        """Subscribe ``router``'s handlers once the start-up hooks have passed. A replica
+        whose start-up found a fault (``fail``) subscribes none of them, so it takes no
+        event it could not handle: the events wait in their durable consumers."""
+        self.routes.append(router)
+
+    def fail(self, reason: str) -> None:
+        """A start-up check found something a person must fix: the replica stays up, not
+        ready, says ``reason`` on /readyz and in its health replies, and serves nothing."""
+        self.fault = reason
+
+    def include_routes(self) -> None:
+        """Subscribe the routers given to ``serve`` (also for the AsyncAPI document)."""
+        for router in self.routes:
+            self.broker.include_router(router)
 
     async def llm_provider(
         self, settings: LLMSettings, role: Literal["planner", "executor"], ledger: BudgetLedger
@@ -86,6 +104,8 @@ class Service:
         )
 
     async def ready(self) -> bool:
+        if self.fault is not None:
+            return False
         results = [await check() for check in self.readiness]
         return all(results)
 
@@ -107,13 +127,17 @@ class Service:
 
         lag = _ConsumerLag(self, prefix=self.name)
 
+        async def subscribe() -> None:
+            if self.fault is None:
+                self.include_routes()
+
         async def flush_traces() -> None:
             await asyncio.to_thread(self.tracer_provider.shutdown)
 
         app = FastStream(
             self.broker,
             logger=get_logger(f"agentbus.{self.name}"),
-            on_startup=[declare_streams, *on_startup],
+            on_startup=[declare_streams, *on_startup, subscribe],
             after_startup=[lag.start],
             on_shutdown=[lag.stop, *on_shutdown],
             after_shutdown=[*after_shutdown, flush_traces],
@@ -181,6 +205,8 @@ def http_app(service: Service, app: FastStream) -> AsgiFastStream:
 
     @get(include_in_schema=False)
     async def ready(scope: Any) -> AsgiResponse:
+        if service.fault is not None:
+            return AsgiResponse(f"not ready: {service.fault}".encode(), 503)
         ok = await service.broker.ping(2.0) and await service.ready()
         return AsgiResponse(b"ready" if ok else b"not ready", 200 if ok else 503)
 

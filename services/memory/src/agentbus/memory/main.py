@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Self
 
 import structlog
 from faststream import FastStream
+from faststream.nats import NatsRouter
 from opentelemetry import trace
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
@@ -18,8 +20,10 @@ from agentbus.core.bus import DeadLetterPolicy
 from agentbus.core.service import Service, run
 from agentbus.core.settings import CommonSettings
 
-from .adapters.db import Database, describe_dsn
+from .adapters.db import Database
+from .adapters.dsn import describe_dsn
 from .adapters.embeddings import Embedder, LocalEmbedder, OpenAIEmbedder
+from .adapters.vector_check import VectorExtensionBroken
 from .handlers import MemoryDeps, register
 from .semantic import SemanticMemory
 
@@ -42,6 +46,12 @@ class Settings(CommonSettings):
         validation_alias=AliasChoices(*DATABASE_URL_VARS),
         description="Postgres with pgvector, e.g. postgresql://user:pass@host:5432/agentbus. "
         "No default: it usually holds a password.",
+    )
+    database_log_file: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("AGENTBUS_DATABASE_LOG_FILE"),
+        description="The Postgres server's log, when this replica can read it (the "
+        "embedded stack sets it): a failed vector self-check then quotes its crash line.",
     )
     pool_min_size: int = Field(1, ge=0, description="Connections the pool keeps open.")
     pool_max_size: int = Field(10, ge=1, description="Most connections the pool opens.")
@@ -157,7 +167,9 @@ def create_app(
         registry=service.metrics,
         buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
     )
-    register(service.broker, deps)
+    routes = NatsRouter()
+    register(routes, deps)
+    service.serve(routes)
     service.readiness.append(deps.ready)
 
     async def open_database() -> None:
@@ -167,13 +179,22 @@ def create_app(
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument(tracer_provider=service.tracer_provider)
         dsn = settings.require_database_url()
-        deps.db = await Database.open(
-            dsn,
-            min_size=settings.pool_min_size,
-            max_size=settings.pool_max_size,
-            connect_retries=settings.connect_retries,
-            backoff_s=settings.connect_backoff_s,
-        )
+        try:
+            deps.db = await Database.open(
+                dsn,
+                min_size=settings.pool_min_size,
+                max_size=settings.pool_max_size,
+                connect_retries=settings.connect_retries,
+                backoff_s=settings.connect_backoff_s,
+                server_log=settings.database_log_file,
+            )
+        except VectorExtensionBroken as exc:
+            # Not retried: it fails the same way each time. Events wait for a fixed replica.
+            log.error(  # noqa: TRY400 - the reason is the message; a traceback adds nothing
+                "the vector extension failed its self-check; memory serves nothing", reason=str(exc)
+            )
+            service.fail(str(exc))
+            return
         log.info("database open", database=describe_dsn(dsn))
         # Loaded before subscribers start: a model that does not match the stored
         # embeddings stops the service here, with the reason, not at the first search.
@@ -215,4 +236,6 @@ def main() -> None:
 
 def asyncapi_app() -> FastStream:
     """Zero-argument factory for `faststream docs gen --factory` (`make asyncapi`)."""
-    return create_app(Settings())
+    app = create_app(Settings())
+    app.context.get("agentbus_service").include_routes()
+    return app

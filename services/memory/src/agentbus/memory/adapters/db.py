@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from importlib import resources
+from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import structlog
@@ -41,6 +41,8 @@ from agentbus.contracts import (
 
 from .. import domain
 from ..domain import EventRecord, TaskProjection
+from .dsn import describe_dsn
+from .vector_check import check_vector_extension
 
 log = structlog.get_logger(__name__)
 
@@ -149,17 +151,6 @@ async def run_migrations(dsn: str) -> list[int]:
 # --- connecting ----------------------------------------------------------------------
 
 
-def describe_dsn(dsn: str) -> str:
-    """Where a DSN points, without user or password, for messages and logs."""
-    try:
-        parts = urlsplit(dsn)
-        host = parts.hostname or parse_qs(parts.query).get("host", ["local socket"])[0]
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "an unparsable database URL"
-    return f"{host}{port}{parts.path}"
-
-
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -194,8 +185,12 @@ class Database:
         max_size: int = 10,
         connect_retries: int = 10,
         backoff_s: float = 0.5,
+        server_log: Path | None = None,
     ) -> Database:
-        """Migrate, then open the pool; waits for a Postgres that is still starting."""
+        """Self-check the vector extension, migrate, then open the pool; waits for a
+        Postgres that is still starting. Raises ``VectorExtensionBroken`` (at once, not
+        retried) when the extension cannot work here; ``server_log`` lets its message
+        quote the server's crash line."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(connect_retries + 1),
             wait=wait_exponential(multiplier=backoff_s, max=10),
@@ -204,7 +199,7 @@ class Database:
             reraise=True,
         )
         try:
-            pool: asyncpg.Pool = await retrying(cls._connect, dsn, min_size, max_size)
+            pool: asyncpg.Pool = await retrying(cls._connect, dsn, min_size, max_size, server_log)
         except _DB_ERRORS as exc:
             attempts = retrying.statistics.get("attempt_number", 1)
             raise DatabaseUnavailable(
@@ -214,7 +209,10 @@ class Database:
         return cls(pool)
 
     @staticmethod
-    async def _connect(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
+    async def _connect(
+        dsn: str, min_size: int, max_size: int, server_log: Path | None
+    ) -> asyncpg.Pool:
+        await check_vector_extension(dsn, server_log=server_log)
         applied = await run_migrations(dsn)
         if applied:
             log.info("applied database migrations", versions=applied)
