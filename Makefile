@@ -15,10 +15,12 @@ PACKAGES := libs/contracts libs/core services/planner services/executor services
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 SERVICES := planner executor sandbox memory
 
-.PHONY: setup install docker sandbox-image demo run up test check lint typecheck asyncapi bench clean
+.PHONY: setup install docker sandbox-image doctor demo run up test check lint typecheck asyncapi bench clean
 
-## setup: virtualenv with every package, Docker engine running, sandbox image built
+## setup: virtualenv with every package, Docker engine running, sandbox image built,
+## then `agentbus doctor` checks all of it (and Postgres + pgvector, NATS, disk, CPU, LLM)
 setup: install sandbox-image
+	$(BIN)/agentbus doctor
 
 install: $(STAMP)
 
@@ -32,6 +34,10 @@ $(STAMP): $(PYPROJECTS) requirements-dev.txt
 
 docker:
 	@bash infra/scripts/ensure-docker.sh
+
+## doctor: check everything the platform needs, each failure with its fix
+doctor: install
+	$(BIN)/agentbus doctor
 
 sandbox-image: docker
 	@bash infra/sandbox/build-image.sh

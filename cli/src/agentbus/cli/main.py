@@ -41,7 +41,7 @@ from agentbus.core.llm.replay import load_transcripts
 from agentbus.core.settings import LLMSettings, TelemetrySettings
 from agentbus.core.tracing import build_tracer_provider
 
-from . import client, sandbox_cmd, tasks_cmd
+from . import client, doctor, sandbox_cmd, tasks_cmd
 from .render import render_event, render_usage
 from .stack import EmbeddedStack, StackError
 
@@ -54,6 +54,11 @@ def agentbus_home() -> Path:
 
 def _external_nats_url() -> str | None:
     return os.environ.get("AGENTBUS_NATS_URL") or os.environ.get("NATS_URL") or None
+
+
+def _external_database_url() -> str | None:
+    """A configured Postgres the embedded stack's memory uses instead of its own."""
+    return os.environ.get("AGENTBUS_DATABASE_URL") or os.environ.get("DATABASE_URL") or None
 
 
 def _stack_file(home: Path) -> Path:
@@ -103,7 +108,13 @@ async def bus(
     if say:
         print(f"starting the embedded stack in {home} ...", file=sys.stderr)
     started = time.monotonic()
-    stack = EmbeddedStack(home=home, replicas=replicas, extra_env=extra_env, ephemeral_nats=True)
+    stack = EmbeddedStack(
+        home=home,
+        replicas=replicas,
+        extra_env=extra_env,
+        ephemeral_nats=True,
+        database_url=_external_database_url(),
+    )
     async with stack:
         if say:
             print(f"stack ready in {time.monotonic() - started:.1f}s", file=sys.stderr)
@@ -325,7 +336,9 @@ async def _up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with EmbeddedStack(home=home, replicas=replicas, extra_env=env) as stack:
+        async with EmbeddedStack(
+            home=home, replicas=replicas, extra_env=env, database_url=_external_database_url()
+        ) as stack:
             with _announced(_stack_file(home), stack.nats_url or ""):
                 print(f"agentbus is up: NATS {stack.nats_url}")
                 for p in stack.services.processes if stack.services else []:
@@ -498,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_tasks_show)
     tasks_cmd.add_parsers(sub, tasks_sub)  # tasks list, costs
     sandbox_cmd.add_parser(sub)  # sandbox exec
+    doctor.add_parser(sub)
     return parser
 
 

@@ -59,7 +59,7 @@ class _Stderr:
         sys.stderr.flush()
 
 
-def _quiet_logging() -> None:
+def quiet_logging() -> None:
     """The adapter's logs on stderr, warnings and up by default (AGENTBUS_LOG_LEVEL), so
     stdout holds only the run's output or the JSON result."""
     level = logging.getLevelName((os.environ.get("AGENTBUS_LOG_LEVEL") or "WARNING").upper())
@@ -88,7 +88,7 @@ def _exit_code(reply: SandboxExecReply) -> int:
 
 
 async def _exec(args: argparse.Namespace) -> int:
-    _quiet_logging()
+    quiet_logging()
     try:
         code = await asyncio.to_thread(_read_code, args.file)
     except OSError as exc:
