@@ -1,6 +1,7 @@
 """Shared fixtures. Integration fixtures start real servers on free loopback ports:
-nats-server with JetStream and Postgres + pgvector, once per test session. Each test
-isolates itself with unique task ids (uuid), so tests never see each other's data."""
+nats-server with JetStream once per test module, Postgres + pgvector once per session.
+Each test isolates itself with unique task ids (uuid), so tests never see each other's
+data, and no module's services see another module's events."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from agentbus.cli.stack import NatsServer, Postgres
+from tests.support import start_nats
+
+pytest_plugins = ["pytester", "tests.timeouts"]
 
 
 @pytest.fixture(scope="session")
@@ -20,14 +24,17 @@ def tmp_root() -> Iterator[Path]:
         yield Path(d)
 
 
-@pytest.fixture(scope="session")
-def nats_server(tmp_root: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_root / "nats", log_file=tmp_root / "nats.log").start()
+@pytest.fixture(scope="module")
+def nats_server(tmp_root: Path, request: pytest.FixtureRequest) -> Iterator[NatsServer]:
+    """One JetStream per test module: an event a module leaves pending (a task its stack
+    never finished) can never be picked up by the durable consumers of a later module's
+    services. Modules whose tests each start a stack override ``nats_url`` per test."""
+    server = start_nats(tmp_root, request.module.__name__.rsplit(".", 1)[-1])
     yield server
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def nats_url(nats_server: NatsServer) -> str:
     return nats_server.url
 
