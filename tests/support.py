@@ -15,7 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from agentbus.cli import client
-from agentbus.cli.stack import EmbeddedStack
+from agentbus.cli.stack import EmbeddedStack, NatsServer
 from agentbus.contracts import (
     Budget,
     Event,
@@ -29,6 +29,11 @@ from agentbus.sandbox import Settings as SandboxSettings
 from agentbus.sandbox.adapters.docker import DockerSandbox
 
 T = TypeVar("T")
+
+
+def start_nats(root: Path, name: str) -> NatsServer:
+    """A nats-server with a JetStream store of its own (about 0.1 s to start)."""
+    return NatsServer(root / f"nats-{name}", log_file=root / f"nats-{name}.log").start()
 
 
 async def eventually(

@@ -62,7 +62,8 @@ async def test_events_published_together_are_handled_together(nats_url: str) -> 
         started.append(body["step"])
         if len(started) == 2:
             both.set()
-        await both.wait()  # the first holds on until the second has started
+        # the first holds on until the second has started (bounded: the test fails first)
+        await asyncio.wait_for(both.wait(), timeout=10)
 
     async with broker:
         await ensure_streams(broker.config.connection_state.stream, settings)

@@ -189,7 +189,7 @@ async def test_a_planner_killed_mid_task_is_replaced_and_the_task_finishes(
     await events.aclose()
     (planner,) = [p for p in group.processes if p.name == "planner"]
     planner.proc.send_signal(signal.SIGKILL)
-    planner.proc.wait()
+    planner.proc.wait(10)
     group.processes.remove(planner)
     group.start({"planner": 1})  # a fresh replica with no memory of the task
 

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import aiodocker
@@ -45,11 +45,20 @@ from agentbus.contracts import (
 )
 from agentbus.core.budget import BudgetLedger, LedgerStatus
 from tests.scripted_llm import Reply, ScriptedLLM, Seen, llm_env, scripted_llm
-from tests.support import eventually
+from tests.support import eventually, start_nats
 
 pytestmark = pytest.mark.integration
 
 SERVICES = dict.fromkeys(subjects.SERVICES, 1)
+
+
+@pytest.fixture
+def nats_url(tmp_path: Path) -> Iterator[str]:
+    """Each test's stack on a JetStream of its own: a task one test leaves paused or
+    pending is never resumed by the next test's services."""
+    server = start_nats(tmp_path, "test")
+    yield server.url
+    server.stop()
 
 
 @contextlib.asynccontextmanager
