@@ -414,3 +414,16 @@ def test_unanswered_calls_are_matched_by_position_not_id() -> None:
     assert unanswered(history) == calls[1:]
     assert unanswered([*history[:2]]) == calls
     assert unanswered([*history, Message(role="user", content="more")]) == []
+
+
+async def test_a_tool_without_a_dispatch_case_is_an_error_not_a_file_listing() -> None:
+    from agentbus.executor.domain.tools import ToolArgs
+
+    class Unhandled(ToolArgs):
+        pass
+
+    ws = FakeWorkspace()
+    ws.files["secret.txt"] = "x"
+    runner = StepRunner(llm=ReplayProvider([], PriceTable.load()), workspace=ws)
+    with pytest.raises(TypeError, match="no handler for the tool arguments Unhandled"):
+        await runner._dispatch(Unhandled())

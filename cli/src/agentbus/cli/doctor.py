@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .locate import agentbus_home, external_database_url, external_nats_url
 from .sandbox_cmd import quiet_logging
 from .stack import NatsServer, Postgres, StackError
 
@@ -64,14 +65,6 @@ def _unusable(exc: Exception, where: str, variable: str, wanted: str) -> Result:
     )
 
 
-def _home() -> Path:
-    return Path(os.environ.get("AGENTBUS_HOME") or Path.home() / ".agentbus").expanduser()
-
-
-def _env(*names: str) -> str:
-    return next((os.environ[n] for n in names if os.environ.get(n)), "")
-
-
 # --- the checks ------------------------------------------------------------------------
 
 
@@ -79,7 +72,7 @@ def check_cpu() -> Result:
     from agentbus.memory.adapters.vector_check import cpu_flags
 
     cpu = cpu_flags()
-    embedded_pgvector = not _env("AGENTBUS_DATABASE_URL", "DATABASE_URL")
+    embedded_pgvector = not external_database_url()
     if platform.machine() == "x86_64" and not (cpu.avx2 and cpu.fma) and embedded_pgvector:
         return fail(
             cpu.describe(),
@@ -145,7 +138,7 @@ async def check_sandbox() -> Result:
 async def check_nats() -> Result:
     import nats
 
-    url = _env("AGENTBUS_NATS_URL", "NATS_URL")
+    url = external_nats_url() or ""
     server: NatsServer | None = None
     with tempfile.TemporaryDirectory(prefix="agentbus-doctor-") as tmp:
         try:
@@ -178,7 +171,7 @@ async def check_postgres(home: Path) -> Result:
         )
     except ImportError:
         return fail("the memory package is not installed", "make setup")
-    url = _env("AGENTBUS_DATABASE_URL", "DATABASE_URL")
+    url = external_database_url() or ""
     log_file = (
         Path(os.environ["AGENTBUS_DATABASE_LOG_FILE"])
         if os.environ.get("AGENTBUS_DATABASE_LOG_FILE")
@@ -288,7 +281,7 @@ def _print(name: str, result: Result) -> None:
 
 async def _doctor(_: argparse.Namespace) -> int:
     quiet_logging()
-    results = await run_checks(_home())
+    results = await run_checks(agentbus_home())
     failed = [name for name, result in results if result.status == "FAIL"]
     print(
         f"\n{len(results) - len(failed)} of {len(results)} checks passed"

@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 from faststream.nats import NatsBroker
@@ -42,83 +40,21 @@ from agentbus.core.settings import LLMSettings, TelemetrySettings
 from agentbus.core.tracing import build_tracer_provider
 
 from . import client, doctor, sandbox_cmd, tasks_cmd
+from .locate import (
+    agentbus_home,
+    announced,
+    bus,
+    external_database_url,
+    external_nats_url,
+    live_stack,
+    run_file,
+    running_up_stack,
+    stack_file,
+)
 from .render import render_event, render_usage
 from .stack import EmbeddedStack, StackError
 
 ALL_SERVICES = dict.fromkeys(subjects.SERVICES, 1)
-
-
-def agentbus_home() -> Path:
-    return Path(os.environ.get("AGENTBUS_HOME") or Path.home() / ".agentbus").expanduser()
-
-
-def _external_nats_url() -> str | None:
-    return os.environ.get("AGENTBUS_NATS_URL") or os.environ.get("NATS_URL") or None
-
-
-def _external_database_url() -> str | None:
-    """A configured Postgres the embedded stack's memory uses instead of its own."""
-    return os.environ.get("AGENTBUS_DATABASE_URL") or os.environ.get("DATABASE_URL") or None
-
-
-def _stack_file(home: Path) -> Path:
-    return home / "stack.json"
-
-
-def _run_file(home: Path, task_id: str) -> Path:
-    return home / "runs" / f"{task_id}.json"
-
-
-@contextlib.contextmanager
-def _announced(path: Path, nats_url: str) -> Iterator[None]:
-    """While this process runs an embedded stack, say where (``path``), so commands in
-    another terminal (``agentbus run``/``approve``/``cancel``) can reach it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"pid": os.getpid(), "nats_url": nats_url}))
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _live_stack(path: Path) -> str | None:
-    """The NATS URL announced in ``path`` if the process that announced it still runs."""
-    try:
-        info = json.loads(path.read_text())
-        os.kill(int(info["pid"]), 0)
-    except (OSError, ValueError, KeyError):
-        return None
-    return str(info["nats_url"])
-
-
-def _running_up_stack(home: Path) -> str | None:
-    """The NATS URL of a live ``agentbus up`` on this machine, if any."""
-    return _live_stack(_stack_file(home))
-
-
-@contextlib.asynccontextmanager
-async def bus(
-    home: Path, replicas: Mapping[str, int], extra_env: Mapping[str, str], say: bool = True
-) -> AsyncIterator[tuple[str, bool]]:
-    """Yield (nats_url, embedded) for a command, starting the embedded stack if needed."""
-    url = _external_nats_url() or _running_up_stack(home)
-    if url:
-        yield url, False
-        return
-    if say:
-        print(f"starting the embedded stack in {home} ...", file=sys.stderr)
-    started = time.monotonic()
-    stack = EmbeddedStack(
-        home=home,
-        replicas=replicas,
-        extra_env=extra_env,
-        ephemeral_nats=True,
-        database_url=_external_database_url(),
-    )
-    async with stack:
-        if say:
-            print(f"stack ready in {time.monotonic() - started:.1f}s", file=sys.stderr)
-        yield stack.nats_url or "", True
 
 
 # --- run -----------------------------------------------------------------------------
@@ -180,7 +116,7 @@ async def _run(args: argparse.Namespace) -> int:
     if not goal:
         print('agentbus: give the task with --task "..."', file=sys.stderr)
         return 2
-    external = _external_nats_url() or _running_up_stack(home)
+    external = external_nats_url() or running_up_stack(home)
     if not external and not env and not LLMSettings().configured:
         print(f"agentbus: {NOT_CONFIGURED_HINT}", file=sys.stderr)
         return 2
@@ -215,7 +151,7 @@ async def _run(args: argparse.Namespace) -> int:
             ) as span:
                 trace_id = format(span.get_span_context().trace_id, "032x")
                 with (
-                    _announced(_run_file(home, task.task_id), url)
+                    announced(run_file(home, task.task_id), url)
                     if embedded
                     else contextlib.nullcontext()
                 ):
@@ -318,13 +254,13 @@ def _parse_replicas(text: str | None) -> dict[str, int]:
 
 async def _up(args: argparse.Namespace) -> int:
     home = agentbus_home()
-    if _external_nats_url():
+    if external_nats_url():
         print(
             "agentbus: AGENTBUS_NATS_URL is set; 'up' runs the embedded stack only", file=sys.stderr
         )
         return 2
-    if _running_up_stack(home):
-        print(f"agentbus: a stack is already running (see {_stack_file(home)})", file=sys.stderr)
+    if running_up_stack(home):
+        print(f"agentbus: a stack is already running (see {stack_file(home)})", file=sys.stderr)
         return 2
     env, _ = _llm_env(args)
     if not env and not LLMSettings().configured:
@@ -337,9 +273,9 @@ async def _up(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         async with EmbeddedStack(
-            home=home, replicas=replicas, extra_env=env, database_url=_external_database_url()
+            home=home, replicas=replicas, extra_env=env, database_url=external_database_url()
         ) as stack:
-            with _announced(_stack_file(home), stack.nats_url or ""):
+            with announced(stack_file(home), stack.nats_url or ""):
                 print(f"agentbus is up: NATS {stack.nats_url}")
                 for p in stack.services.processes if stack.services else []:
                     urls = f"{p.url}/metrics  {p.url}/readyz"
@@ -412,11 +348,7 @@ async def _tasks_show(args: argparse.Namespace) -> int:
 async def _publish(event: TaskCancelRequested | TaskApproved) -> int:
     """Publish a control event to the stack running the task (any client may)."""
     home = agentbus_home()
-    url = (
-        _external_nats_url()
-        or _running_up_stack(home)
-        or _live_stack(_run_file(home, event.task_id))
-    )
+    url = external_nats_url() or running_up_stack(home) or live_stack(run_file(home, event.task_id))
     if not url:
         print(
             "agentbus: no running stack: set AGENTBUS_NATS_URL or start one with 'agentbus up'",

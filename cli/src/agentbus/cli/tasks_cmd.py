@@ -105,7 +105,7 @@ async def _ask(subject: str, request: Any, reply_type: type[R]) -> R | int:
     """Send one request to memory (starting the embedded stack if needed); an exit code
     if that fails."""
     from . import client
-    from .main import agentbus_home, bus
+    from .locate import agentbus_home, bus
     from .stack import StackError
 
     try:

@@ -237,11 +237,3 @@ def run(name: str, settings: S, factory: Callable[[S], FastStream]) -> None:
         lifespan="on",
     )
     asyncio.run(uvicorn.Server(config).serve())
-
-
-def summarize(text: str, limit: int = 400) -> str:
-    """Head and tail of a long text with the size noted, for logs and progress events."""
-    if len(text) <= limit:
-        return text
-    half = max(1, (limit - 40) // 2)
-    return f"{text[:half]}\n...[{len(text) - 2 * half} chars cut]...\n{text[-half:]}"

@@ -95,10 +95,6 @@ class SandboxConfig:
     guard_interval_s: float = 0.1
     refill_delay_s: float = 0.3
 
-    def workspace_dir(self, task_id: str) -> Path:
-        """The host directory bind-mounted at /workspace in the task's container."""
-        return self.workspace_root / task_id
-
     @property
     def workspace_max_bytes(self) -> int:
         return self.workspace_max_mb * 1024 * 1024

@@ -18,6 +18,7 @@ from .tools import (
     TOOLS,
     ExecResult,
     FinishStep,
+    ListFiles,
     Memory,
     ReadFile,
     RunPython,
@@ -362,5 +363,8 @@ class StepRunner:
                 return await self._memory_call(lambda m: m.save(text, kind))
             case FinishStep():
                 return ExecResult(False, "error: finish_step needs a 'result' string")
-            case _:
+            case ListFiles():
                 return await ws.list_files()
+            case _:
+                # A tool in TOOL_ARGS without a case here: a bug, never a silent file listing.
+                raise TypeError(f"no handler for the tool arguments {type(args).__name__}")
