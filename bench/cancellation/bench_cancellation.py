@@ -58,6 +58,7 @@ from agentbus.contracts import (
     parse_event,
     subjects,
 )
+from agentbus.core.bus import jetstream
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the scripted model lives with the tests
@@ -184,7 +185,7 @@ async def cancel_one(
 async def all_events(broker: NatsBroker, task_id: str) -> list[Event]:
     """Every event of the task in the stream, including any after the terminal one."""
     events = []
-    for data in await stored(broker.config.connection_state.stream, subjects.task_filter(task_id)):
+    for data in await stored(jetstream(broker), subjects.task_filter(task_id)):
         with contextlib.suppress(ValueError):
             events.append(parse_event(data))
     return events

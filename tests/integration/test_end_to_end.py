@@ -23,6 +23,7 @@ from agentbus.contracts import (
     new_id,
     subjects,
 )
+from agentbus.core.bus import jetstream
 from tests.support import dead_letters, eventually, replay_stack, run_task
 
 pytestmark = pytest.mark.integration
@@ -136,7 +137,7 @@ async def test_malformed_events_are_dead_lettered_and_service_keeps_serving(
     events = await run_task(broker, GOAL)  # the planner still serves good events
     assert isinstance(events[-1], TaskCompleted)
 
-    js = broker.config.connection_state.stream
+    js = jetstream(broker)
     letters = await eventually(
         lambda: dead_letters(js, "planner", subject), lambda found: len(found) >= 2
     )

@@ -30,7 +30,7 @@ from agentbus.contracts import (
     new_id,
     subjects,
 )
-from agentbus.core.bus import publish_event
+from agentbus.core.bus import jetstream, publish_event
 from agentbus.core.settings import BusSettings
 from agentbus.memory import Settings, create_app
 from agentbus.memory.adapters.embeddings import Vector
@@ -123,7 +123,7 @@ async def test_events_published_while_postgres_is_down_are_stored_once_it_is_bac
         )
         assert types == ["task.submitted", *(e.event_type for e in during)]
 
-        js = broker.config.connection_state.stream
+        js = jetstream(broker)
         for event in during:
             assert await dead_letters(js, "memory", event.subject) == []
         conn = await asyncpg.connect(url)
@@ -137,7 +137,7 @@ async def test_events_published_while_postgres_is_down_are_stored_once_it_is_bac
 
 
 async def _consumer(broker: NatsBroker, durable: str) -> ConsumerInfo:
-    js = broker.config.connection_state.stream
+    js = jetstream(broker)
     return await js.consumer_info(subjects.EVENTS_STREAM, durable)
 
 
@@ -171,7 +171,7 @@ async def test_events_are_stored_after_the_database_drops_every_connection(
         await publish_event(broker, TaskCompleted(task_id=task_id, answer="still here"))
         types = await eventually(lambda: stored_events(url, task_id), lambda t: len(t) == 2)
         assert types == ["task.submitted", "task.completed"]
-        js = broker.config.connection_state.stream
+        js = jetstream(broker)
         subject = subjects.event_subject(task_id, "task.completed")
         assert await dead_letters(js, "memory", subject) == []
         await js.delete_consumer(subjects.EVENTS_STREAM, durable)

@@ -24,7 +24,7 @@ from agentbus.contracts import (
     new_id,
     subjects,
 )
-from agentbus.core.bus import rpc
+from agentbus.core.bus import jetstream, rpc
 from agentbus.core.settings import BusSettings
 from agentbus.memory import Settings, create_app
 from agentbus.memory.adapters.db import Database, EmbeddingSpaceMismatch, run_migrations
@@ -91,7 +91,7 @@ async def memory(
     async with TestApp(app):
         yield app
     async with client.connect(nats_url) as broker:
-        js = broker.config.connection_state.stream
+        js = jetstream(broker)
         await js.delete_consumer(subjects.EVENTS_STREAM, durable)
 
 

@@ -50,7 +50,7 @@ from agentbus.contracts import (
     new_id,
     subjects,
 )
-from agentbus.core.bus import publish_event, rpc
+from agentbus.core.bus import jetstream, publish_event, rpc
 from agentbus.core.settings import BusSettings
 from agentbus.memory import Settings, create_app, domain
 from agentbus.memory.adapters import db as memory_db
@@ -95,7 +95,7 @@ async def memory(nats_url: str, database_url: str) -> AsyncIterator[FastStream]:
     async with TestApp(app):
         yield app
     async with client.connect(nats_url) as broker:
-        js = broker.config.connection_state.stream
+        js = jetstream(broker)
         await js.delete_consumer(subjects.EVENTS_STREAM, DURABLE)
 
 
@@ -118,7 +118,7 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 async def settled(broker: NatsBroker, seq: int) -> None:
     """Wait until memory's durable consumer has acked everything up to stream ``seq``."""
-    js = broker.config.connection_state.stream
+    js = jetstream(broker)
 
     async def ack_floor() -> int:
         info = await js.consumer_info(subjects.EVENTS_STREAM, DURABLE)
@@ -252,7 +252,7 @@ async def test_bad_events_are_dead_lettered_with_a_reason_and_memory_keeps_servi
     assert [e.event_id for e in reply.events] == [good.event_id]  # the bad ones are not stored
     assert reply.task is not None and reply.task.goal == good.goal
 
-    js = broker.config.connection_state.stream
+    js = jetstream(broker)
     letters = await eventually(
         lambda: dead_letters(js, "memory", subject), lambda found: len(found) >= 2
     )

@@ -8,6 +8,7 @@ import pytest
 
 from agentbus.cli import client
 from agentbus.contracts import Budget, Plan, PlanStep, StepCompleted, TaskSubmitted, Usage, new_id
+from agentbus.core.bus import jetstream
 from agentbus.planner import domain
 from agentbus.planner.adapters.state import TaskStore
 from agentbus.planner.domain import TaskState
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 async def test_concurrent_writers_never_lose_or_double_an_update(nats_url: str) -> None:
     async with client.connect(nats_url) as broker:
-        js = broker.config.connection_state.stream
+        js = jetstream(broker)
         store = await TaskStore.open(js, f"test_state_{new_id('b')}")
         submitted = TaskSubmitted(task_id=new_id("tsk"), goal="g", budget=Budget(max_steps=30))
         plan = Plan(steps=[PlanStep(id=f"s{i}", title="t", instructions="i") for i in range(20)])

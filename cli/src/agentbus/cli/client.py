@@ -19,7 +19,7 @@ from agentbus.contracts import (
     parse_event,
     subjects,
 )
-from agentbus.core.bus import create_broker, ensure_streams, publish_event, rpc
+from agentbus.core.bus import create_broker, ensure_streams, jetstream, publish_event, rpc
 from agentbus.core.settings import BusSettings
 
 
@@ -31,7 +31,7 @@ async def connect(
     broker = create_broker("cli", settings, tracer_provider=tracer_provider)
     await broker.connect()
     try:
-        await ensure_streams(broker.config.connection_state.stream, settings)
+        await ensure_streams(jetstream(broker), settings)
         yield broker
     finally:
         await broker.stop()
@@ -42,7 +42,7 @@ async def follow(broker: NatsBroker, task_id: str, *, timeout: float) -> AsyncIt
 
     An ordered JetStream consumer replays what was published before we subscribed, so
     nothing is missed however fast the services are."""
-    js = broker.config.connection_state.stream
+    js = jetstream(broker)
     sub = await js.subscribe(
         subjects.task_filter(task_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
     )

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -36,7 +35,6 @@ from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.client import JetStreamContext as _JetStream
 from nats.js.errors import BadRequestError
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
@@ -44,6 +42,7 @@ from pydantic import BaseModel, ValidationError
 from agentbus.contracts import Event, HealthReply, HealthRequest, Reply, subjects, utcnow
 
 from . import semconv
+from ._nats_fixes import apply_nats_fixes
 from .settings import BusSettings
 
 if TYPE_CHECKING:
@@ -57,33 +56,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-
-def _fetch_times_out_as_nats_does(cls: Any = _JetStream.PullSubscription) -> None:
-    """nats-py 2.16's batch ``fetch`` can end with a bare ``asyncio.TimeoutError`` (when
-    its deadline has passed before the lingering pull request) instead of
-    ``nats.errors.TimeoutError``. FastStream 0.7.8's batch pull loop catches only the
-    latter; the former kills the loop, and the messages the loop had already fetched
-    stay unacked until ``ack_wait`` (60 s) redelivers them. Memory's batch consumer hit
-    it often. Raise what callers expect (a ``nats.errors.TimeoutError`` is an
-    ``asyncio.TimeoutError`` too, so no caller loses anything)."""
-    original = cls.fetch
-    if getattr(original, "_agentbus_wrapped", False):
-        return
-
-    @functools.wraps(original)
-    async def fetch(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await original(self, *args, **kwargs)
-        except nats.errors.TimeoutError:
-            raise
-        except TimeoutError as exc:
-            raise nats.errors.TimeoutError from exc
-
-    fetch._agentbus_wrapped = True  # type: ignore[attr-defined]
-    cls.fetch = fetch
-
-
-_fetch_times_out_as_nats_does()
 
 R = TypeVar("R", bound=Reply)
 
@@ -289,6 +261,14 @@ class _TaskContextMiddleware(BaseMiddleware):
 # --- broker ----------------------------------------------------------------------------
 
 
+def jetstream(broker: NatsBroker) -> JetStreamContext:
+    """The JetStream context of a connected broker. FastStream 0.7 has no public
+    accessor for it (only ``broker.config.connection_state``): this is the one place
+    that reaches in."""
+    js: JetStreamContext = broker.config.connection_state.stream
+    return js
+
+
 def create_broker(
     service: str,
     settings: BusSettings,
@@ -297,6 +277,7 @@ def create_broker(
     metrics: CollectorRegistry | None = None,
 ) -> NatsBroker:
     """A NatsBroker with tracing, metrics and dead-lettering; connects when started."""
+    apply_nats_fixes()
     policy = DeadLetterPolicy(service, settings)
     middlewares: list[Any] = [NatsTelemetryMiddleware(tracer_provider=tracer_provider)]
     if metrics is not None:

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Gauge, make_asgi_app
 from agentbus.contracts import subjects
 
 from .budget import BudgetLedger
-from .bus import add_health_responder, create_broker, ensure_streams, publish_event
+from .bus import add_health_responder, create_broker, ensure_streams, jetstream, publish_event
 from .llm import LLMProvider, PriceTable, RateLimitMetrics, build_provider, open_rate_limiter
 from .llm.budgeted import BudgetedProvider
 from .llm.observe import LLMMetrics, ObservedProvider
@@ -84,7 +84,7 @@ class Service:
         rate limiter all replicas share (when ``AGENTBUS_LLM_RPM``/``_TPM`` are set).
         Call it once per service (it registers metrics)."""
         limiter = await open_rate_limiter(
-            self.broker.config.connection_state.stream,
+            jetstream(self.broker),
             settings,
             metrics=RateLimitMetrics(self.metrics),
         )
@@ -123,7 +123,7 @@ class Service:
 
         async def declare_streams() -> None:
             await self.broker.connect()
-            await ensure_streams(self.broker.config.connection_state.stream, self.settings.bus)
+            await ensure_streams(jetstream(self.broker), self.settings.bus)
 
         lag = _ConsumerLag(self, prefix=self.name)
 
@@ -187,7 +187,7 @@ class _ConsumerLag:
             self._task = None
 
     async def _loop(self) -> None:
-        js = self.service.broker.config.connection_state.stream
+        js = jetstream(self.service.broker)
         while True:
             with contextlib.suppress(Exception):  # a metric must never take the service down
                 consumers = await js.consumers_info(subjects.EVENTS_STREAM)

@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from agentbus.core.budget import BudgetLedger
+from agentbus.core.bus import jetstream
 from agentbus.core.service import Service, run
 from agentbus.core.settings import CommonSettings, LLMSettings
 
@@ -39,7 +40,7 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
     sweeper = Sweeper(deps, settings.sweep_interval_s)
 
     async def open_adapters() -> None:
-        js = service.broker.config.connection_state.stream
+        js = jetstream(service.broker)
         deps.ledger = await BudgetLedger.open(js)
         deps.llm = await service.llm_provider(settings.llm, "planner", deps.ledger)
         deps.store = await TaskStore.open(js)
