@@ -46,7 +46,7 @@ from ._nats_fixes import apply_nats_fixes
 from .settings import BusSettings
 
 if TYPE_CHECKING:
-    from faststream._internal.context.repository import ContextRepo
+    from faststream import ContextRepo
     from faststream.nats import NatsRouter
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
@@ -224,7 +224,7 @@ class _DeadLetterMiddleware(BaseMiddleware):
         raw = self.msg
         if exc_val is None or isinstance(exc_val, asyncio.CancelledError) or raw is None:
             return False
-        if not getattr(raw, "_ackd", True) and (raw.reply or "").startswith("$JS.ACK"):
+        if not getattr(raw, "is_acked", True) and (raw.reply or "").startswith("$JS.ACK"):
             delivered = raw.metadata.num_delivered
             if _is_poison(exc_val) or delivered >= self.policy.settings.max_deliver:
                 await self.policy.dead_letter(raw, exc_val, delivered)

@@ -40,7 +40,6 @@ from .adapters.sandbox import SandboxWorkspace
 from .domain import StepResult, StepRunner, ToolEvent
 
 log = structlog.get_logger(__name__)
-WORKER = instance_id()
 
 
 @dataclass
@@ -81,7 +80,7 @@ def _outcome(event: StepReady, result: StepResult, files: list[str]) -> Event:
         "step_id": event.step.id,
         "usage": result.usage,
         "attempt": event.attempt,
-        "worker": WORKER,
+        "worker": instance_id(),
     }
     if result.ok:
         return StepCompleted(output=result.output[:20_000], workspace_files=files, **common)
