@@ -103,6 +103,8 @@ def test_exhausted_event_says_what_ran_out_and_how_to_approve() -> None:
     assert event.step_id == "s2"
     assert "cost budget exhausted: $0.4500 spent of $0.5000" in event.reason
     assert "agentbus approve tsk_1 --add-cost USD" in event.reason
+    assert event.cause.startswith("cost budget exhausted: $0.4500 spent of $0.5000")
+    assert "approve" not in event.cause  # what ran out, without how to go on
     assert event.event_id == book.exhausted_event(now).event_id  # deterministic: dedup
 
 

@@ -194,6 +194,7 @@ def exhausted(
         figure=BudgetFigure(kind=BudgetKind.COST, used=0.9, limit=1.0),
         needed=0.2,
         reason="cost budget exhausted; waiting for approval: agentbus approve",
+        cause="cost budget exhausted",
         action=action,
         approval_deadline=deadline,
         round=rnd,
@@ -243,7 +244,8 @@ def test_approval_timeout_fails_the_task_only_after_the_deadline() -> None:
     state.approval_timed_out(now + timedelta(seconds=31))
     assert types(state) == ["task.failed"]
     assert "no approval came within 31 s" in state.reason
-    assert "cost budget exhausted" in state.reason
+    assert state.reason.startswith("cost budget exhausted; no approval came")
+    assert "agentbus approve" not in state.reason  # the hint is for a task still waiting
 
 
 def test_a_failure_while_waiting_is_re_planned_after_approval() -> None:

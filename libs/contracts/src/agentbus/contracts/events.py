@@ -195,6 +195,12 @@ class BudgetExhausted(Event):
     figure: BudgetFigure = Field(description="The budget that ran out.")
     needed: float = Field(0, ge=0, description="What the refused call could have spent.")
     reason: str = Field(description="What ran out, in words a person can act on.")
+    cause: str = Field(
+        "",
+        description="What ran out, without how to go on (``reason`` adds that): the part "
+        "a task's final error quotes if no approval comes. Empty in events from before "
+        "this field.",
+    )
     action: OnBudget = Field(description="pause (await approval) or fail.")
     approval_deadline: datetime | None = Field(
         None, description="When a paused task fails unless approved."

@@ -53,7 +53,7 @@ Publish = Callable[[Event], Awaitable[object]]
 
 WARN_AT = 0.8
 # Joins a BudgetExhausted reason (what ran out) to how to approve more.
-WAITING_FOR_APPROVAL = "; waiting for approval: "
+_WAITING_FOR_APPROVAL = "; waiting for approval: "
 _SETTLED_KEEP = 200
 
 
@@ -304,7 +304,7 @@ class Ledger(BaseModel):
         )
         hint = approve_hint(self.task_id, ex.kind)
         action = (
-            f"{WAITING_FOR_APPROVAL}{hint}"
+            f"{_WAITING_FOR_APPROVAL}{hint}"
             if self.policy is OnBudget.PAUSE
             else f"; raise the budget ({ex.kind.value}) and run the task again"
         )
@@ -314,6 +314,7 @@ class Ledger(BaseModel):
             figure=BudgetFigure(kind=ex.kind, used=ex.used, limit=max(ex.limit, 1e-12)),
             needed=ex.needed,
             reason=ex.reason + action,
+            cause=ex.reason,
             action=self.policy,
             approval_deadline=deadline,
             step_id=ex.step_id,

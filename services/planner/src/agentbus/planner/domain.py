@@ -39,7 +39,6 @@ from agentbus.contracts import (
     parse_event,
     utcnow,
 )
-from agentbus.core.budget import WAITING_FOR_APPROVAL
 
 _APPLIED_KEEP = 500
 
@@ -265,7 +264,7 @@ class TaskState(BaseModel):
         if event.action is OnBudget.FAIL:
             self.fail(event.reason)
             return
-        self.exhausted_reason = event.reason
+        self.exhausted_reason = event.cause or event.reason
         if self.phase is TaskPhase.AWAITING_APPROVAL:
             return
         self.resume_phase = self.phase
@@ -299,8 +298,7 @@ class TaskState(BaseModel):
             return
         waited = (now - self.paused_at).total_seconds() if self.paused_at else 0.0
         self.fail(
-            f"{self.exhausted_reason.split(WAITING_FOR_APPROVAL)[0]}; "
-            f"no approval came within {waited:.0f} s, so the task stopped"
+            f"{self.exhausted_reason}; no approval came within {waited:.0f} s, so the task stopped"
         )
 
     def kept_steps(self) -> list[StepState]:
