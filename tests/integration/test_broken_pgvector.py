@@ -52,15 +52,32 @@ def broken_pg(tmp_root: Path) -> Iterator[Postgres]:
 
 
 @pytest.fixture
+async def broken(broken_pg: Postgres) -> Postgres:
+    """The stand-in server, accepting connections again: after a test's crash the
+    postmaster restarts its processes and is in recovery for a moment."""
+
+    async def connects() -> bool:
+        try:
+            conn = await asyncpg.connect(broken_pg.url, timeout=5)
+        except (asyncpg.CannotConnectNowError, OSError):
+            return False
+        await conn.close()
+        return True
+
+    await eventually(connects, bool, timeout=30)
+    return broken_pg
+
+
+@pytest.fixture
 def own_nats(tmp_path: Path) -> Iterator[NatsServer]:
     server = start_nats(tmp_path, "test")
     yield server
     server.stop()
 
 
-async def test_the_self_check_names_the_crash_and_the_fix(broken_pg: Postgres) -> None:
+async def test_the_self_check_names_the_crash_and_the_fix(broken: Postgres) -> None:
     # A 3-d check would pass on this extension: that is why the check is 384-d.
-    conn = await asyncpg.connect(broken_pg.url)
+    conn = await asyncpg.connect(broken.url)
     try:
         async with conn.transaction():
             await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
@@ -69,18 +86,31 @@ async def test_the_self_check_names_the_crash_and_the_fix(broken_pg: Postgres) -
     finally:
         await conn.close()
 
-    with pytest.raises(VectorExtensionBroken) as broken:
-        await check_vector_extension(broken_pg.url, server_log=broken_pg.log_file)
-    assert_names_the_cause(str(broken.value))
+    with pytest.raises(VectorExtensionBroken) as refused:
+        await check_vector_extension(broken.url, server_log=broken.log_file)
+    assert_names_the_cause(str(refused.value))
+
+
+async def test_with_no_server_log_a_crash_is_confirmed_by_a_second_run(
+    broken: Postgres,
+) -> None:
+    """A remote server's log is out of reach, and a dropped connection alone could be
+    the network: the check runs again, and only the same step dying twice is a crash."""
+    with pytest.raises(VectorExtensionBroken) as refused:
+        await check_vector_extension(broken.url, server_log=None)
+    text = str(refused.value)
+    assert "at 'build an HNSW index (vector_cosine_ops)' (twice" in text
+    assert "server log: not readable from here" in text
+    assert "AGENTBUS_DATABASE_URL" in text
 
 
 async def test_memory_stays_up_not_ready_says_why_and_takes_no_event(
-    broken_pg: Postgres, own_nats: NatsServer, tmp_path: Path
+    broken: Postgres, own_nats: NatsServer, tmp_path: Path
 ) -> None:
     env = {
         "AGENTBUS_NATS_URL": own_nats.url,
-        "AGENTBUS_DATABASE_URL": broken_pg.url,
-        "AGENTBUS_DATABASE_LOG_FILE": str(broken_pg.log_file),
+        "AGENTBUS_DATABASE_URL": broken.url,
+        "AGENTBUS_DATABASE_LOG_FILE": str(broken.log_file),
         "AGENTBUS_HOME": str(tmp_path),
     }
     group = ServiceGroup(env, tmp_path / "logs").start({"memory": 1})
@@ -125,14 +155,14 @@ async def test_memory_stays_up_not_ready_says_why_and_takes_no_event(
 
 
 async def test_the_embedded_stack_stops_at_once_with_the_cause(
-    broken_pg: Postgres, own_nats: NatsServer, tmp_path: Path
+    broken: Postgres, own_nats: NatsServer, tmp_path: Path
 ) -> None:
     stack = EmbeddedStack(
         home=tmp_path,
         replicas={"memory": 1},
         nats_url=own_nats.url,
-        database_url=broken_pg.url,
-        extra_env={"AGENTBUS_DATABASE_LOG_FILE": str(broken_pg.log_file)},
+        database_url=broken.url,
+        extra_env={"AGENTBUS_DATABASE_LOG_FILE": str(broken.log_file)},
     )
     with pytest.raises(StackError) as failed:
         async with stack:
@@ -152,11 +182,11 @@ def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
     )
 
 
-def test_agentbus_run_and_doctor_name_the_cause(broken_pg: Postgres, tmp_path: Path) -> None:
+async def test_agentbus_run_and_doctor_name_the_cause(broken: Postgres, tmp_path: Path) -> None:
     env = {
         "AGENTBUS_HOME": str(tmp_path),
-        "AGENTBUS_DATABASE_URL": broken_pg.url,
-        "AGENTBUS_DATABASE_LOG_FILE": str(broken_pg.log_file),
+        "AGENTBUS_DATABASE_URL": broken.url,
+        "AGENTBUS_DATABASE_LOG_FILE": str(broken.log_file),
     }
     run = run_cli(["run", "--replay", str(REPO / "examples" / "primes")], env)
     assert run.returncode == 3, run.stdout + run.stderr

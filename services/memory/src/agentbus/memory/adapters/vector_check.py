@@ -88,18 +88,54 @@ async def check_vector_extension(
 ) -> VectorCheck:
     """Run the self-check; raises ``VectorExtensionBroken`` with the cause and the fix.
 
-    Errors reaching the server (refused, timed out) are let through as they are: they
-    say nothing about the extension, and the caller's own retries handle them."""
+    Errors that say nothing about the extension (the server refused, is starting or
+    shutting down, a connection dropped without a crash) are let through as they are,
+    for the caller's own retries. A dropped connection is taken for a crash when the
+    server's log says so; with no log to read, the check runs once more, and a second
+    drop at the same step is taken for one (a crash of this kind is deterministic)."""
+    dropped = await _attempt(dsn, timeout_s)
+    if isinstance(dropped, VectorCheck):
+        return dropped
+    server_line = await asyncio.to_thread(_server_crash_line, server_log, dropped.pid)
+    if server_log is not None and server_line is None:
+        raise dropped.error  # the log shows no crash of that process: not the extension
+    if server_log is None:
+        await asyncio.sleep(1.0)  # the postmaster restarts its processes after a crash
+        again = await _attempt(dsn, timeout_s)
+        if isinstance(again, VectorCheck):
+            return again
+        if again.step != dropped.step:
+            raise again.error
+        dropped = again
+    report = await asyncio.to_thread(
+        _crash_report, dsn, dropped.step, dropped.pid, server_log, server_line
+    )
+    raise VectorExtensionBroken(report) from dropped.error
+
+
+@dataclass(frozen=True)
+class _Dropped:
+    """The connection dropped under a query."""
+
+    step: str
+    pid: int  # the server process that went away
+    error: Exception  # what the client saw
+
+
+async def _attempt(dsn: str, timeout_s: float) -> VectorCheck | _Dropped:
+    """One run of the probe: what it saw, or what was running when the connection
+    dropped."""
     started = time.perf_counter()
     conn: asyncpg.Connection = await asyncpg.connect(dsn, timeout=min(timeout_s, 30.0))
     probe = _Probe(conn)
     try:
         async with asyncio.timeout(timeout_s):
             version, server_version = await probe.run()
+        return VectorCheck(version, server_version, time.perf_counter() - started)
+    except asyncpg.OperatorInterventionError:
+        raise  # shutting down, restarting, in recovery: try again later
     except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError) as exc:
-        # The server process went away under the query: the extension killed it.
-        report = await asyncio.to_thread(_crash_report, dsn, probe.step, probe.pid, server_log)
-        raise VectorExtensionBroken(report) from exc
+        return _Dropped(probe.step, probe.pid, exc)
     except (asyncpg.UndefinedFileError, asyncpg.FeatureNotSupportedError) as exc:
         raise VectorExtensionBroken(
             f"the database at {describe_dsn(dsn)} has no usable pgvector ({exc}); {FIX}"
@@ -117,7 +153,6 @@ async def check_vector_extension(
     finally:
         with contextlib.suppress(Exception):
             await conn.close(timeout=2)
-    return VectorCheck(version, server_version, time.perf_counter() - started)
 
 
 class WrongAnswer(Exception):
@@ -194,18 +229,18 @@ class _Probe:
 # --- explaining a crash ----------------------------------------------------------------
 
 
-def _crash_report(dsn: str, step: str, pid: int, server_log: Path | None) -> str:
+def _crash_report(
+    dsn: str, step: str, pid: int, server_log: Path | None, server_line: str | None
+) -> str:
     cpu = cpu_flags()
-    server_line = _server_crash_line(server_log, pid)
     kernel_line = _kernel_trap_line(pid)
     lines = [
         f"the vector extension of the database at {describe_dsn(dsn)} killed its server "
-        f"process (PID {pid}) during the start-up self-check, at '{step}'."
+        f"process (PID {pid}) during the start-up self-check, at '{step}'"
+        + (" (twice: the check ran again to be sure)." if server_log is None else ".")
     ]
     if server_line:
         lines.append(f"  server log: {server_line}")
-    elif server_log is not None:
-        lines.append(f"  server log ({server_log}): no crash line for PID {pid} (yet)")
     else:
         lines.append(
             f"  server log: not readable from here; look for '(PID {pid}) was terminated "
