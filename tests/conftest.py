@@ -49,3 +49,14 @@ def postgres(tmp_root: Path) -> Iterator[Postgres]:
 @pytest.fixture(scope="session")
 def database_url(postgres: Postgres) -> str:
     return postgres.url
+
+
+@pytest.fixture
+def pg_home(tmp_root: Path, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory for a test that starts the embedded Postgres itself. Under root
+    the server runs as the user ``embedded_postgres``, which must traverse to its data
+    dir: pytest's own ``tmp_path`` lies under a 0700 directory that any pytest session
+    starting on the machine resets to 0700, so it is not used for that."""
+    path = Path(tempfile.mkdtemp(prefix=f"{request.node.name[:20]}-", dir=tmp_root))
+    path.chmod(0o755)
+    return path

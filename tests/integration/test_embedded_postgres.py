@@ -32,8 +32,8 @@ def _owner(path: Path) -> str:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="another wheel's user exists only under root")
-async def test_a_data_dir_of_the_old_wheel_is_adopted_with_its_data(tmp_path: Path) -> None:
-    data = tmp_path / "pg"
+async def test_a_data_dir_of_the_old_wheel_is_adopted_with_its_data(pg_home: Path) -> None:
+    data = pg_home / "pg"
     pg = Postgres(data).start()
     await _sql(
         pg.url,

@@ -172,8 +172,8 @@ def test_run_without_llm_fails_at_once_with_a_hint(tmp_path: Path) -> None:
     assert not (tmp_path / "h").exists()  # nothing was started
 
 
-def test_cli_runs_the_demo_on_the_embedded_stack_and_shows_history(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "AGENTBUS_HOME": str(tmp_path / "h")}
+def test_cli_runs_the_demo_on_the_embedded_stack_and_shows_history(pg_home: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(pg_home), "AGENTBUS_HOME": str(pg_home / "h")}
     agentbus = str(ROOT / ".venv" / "bin" / "agentbus")
     run = subprocess.run(
         [agentbus, "run", "--replay", str(PRIMES.parent)],
@@ -200,7 +200,7 @@ def test_cli_runs_the_demo_on_the_embedded_stack_and_shows_history(tmp_path: Pat
     assert show.returncode == 0, show.stdout + show.stderr
     assert f"task {task_id}: completed" in show.stdout
     assert "task.completed" in show.stdout and "step.tool_called" in show.stdout
-    assert processes_mentioning(str(tmp_path)) == [], "the CLI left processes behind"
+    assert processes_mentioning(str(pg_home)) == [], "the CLI left processes behind"
 
 
 def processes_mentioning(marker: str) -> list[str]:
