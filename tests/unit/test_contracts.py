@@ -123,3 +123,19 @@ def test_budget_defaults_and_limits() -> None:
         Budget(max_cost_usd=0)
     completed = StepCompleted(task_id="t", step_id="s1", output="x")
     assert completed.usage.total.calls == 0
+
+
+def test_validation_errors_read_the_same_everywhere() -> None:
+    from pydantic import ValidationError
+
+    from agentbus.contracts import PlanStep, describe_validation
+
+    with pytest.raises(ValidationError) as bad:
+        PlanStep.model_validate({"id": "s1", "depends_on": [7]})
+    text = describe_validation(bad.value)
+    assert text.startswith(f"{bad.value.error_count()} problem(s): ")
+    assert "title: Field required" in text
+    assert "depends_on.0:" in text
+    with pytest.raises(ValidationError) as root:
+        PlanStep.model_validate("not an object")
+    assert describe_validation(root.value, root="step").startswith("1 problem(s): step: ")

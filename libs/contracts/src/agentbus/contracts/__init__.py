@@ -35,6 +35,7 @@ from .models import (
     PlanStep,
     Usage,
     derived_event_id,
+    describe_validation,
     new_id,
     utcnow,
 )
@@ -136,6 +137,7 @@ __all__ = [
     "ToolOutcome",
     "Usage",
     "derived_event_id",
+    "describe_validation",
     "new_id",
     "parse_event",
     "subjects",

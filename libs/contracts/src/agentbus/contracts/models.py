@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 StepId = Annotated[
     str,
@@ -32,6 +32,16 @@ def derived_event_id(task_id: str, *parts: object) -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def describe_validation(exc: ValidationError, *, limit: int = 5, root: str = "<root>") -> str:
+    """A validation error in one line a person (or a model) can act on: how many
+    problems, then each field's dotted path and what is wrong, at most ``limit``."""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or root}: {err['msg']}"
+        for err in exc.errors()[:limit]
+    )
+    return f"{exc.error_count()} problem(s): {problems}"
 
 
 class Contract(BaseModel):

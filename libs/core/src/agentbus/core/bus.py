@@ -39,7 +39,15 @@ from nats.js.errors import BadRequestError
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 
-from agentbus.contracts import Event, HealthReply, HealthRequest, Reply, subjects, utcnow
+from agentbus.contracts import (
+    Event,
+    HealthReply,
+    HealthRequest,
+    Reply,
+    describe_validation,
+    subjects,
+    utcnow,
+)
 
 from . import semconv
 from ._nats_fixes import apply_nats_fixes
@@ -134,11 +142,7 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, PoisonMessage):
         return str(exc)
     if isinstance(exc, ValidationError):
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in exc.errors()[:5]
-        )
-        return f"invalid message ({exc.error_count()} problem(s)): {problems}"
+        return f"invalid message: {describe_validation(exc)}"
     return f"{type(exc).__name__}: {exc}"
 
 

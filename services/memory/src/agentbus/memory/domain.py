@@ -52,6 +52,7 @@ from agentbus.contracts import (
     TaskSubmitted,
     TaskSummary,
     Usage,
+    describe_validation,
     parse_event,
     subjects,
 )
@@ -141,14 +142,6 @@ def read_event(
         payload=data,  # as published: keeps fields newer writers added
     )
     return Incoming(record, event)
-
-
-def describe_validation(exc: ValidationError, limit: int = 5) -> str:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-        for err in exc.errors()[:limit]
-    )
-    return f"{exc.error_count()} problem(s): {problems}"
 
 
 def scrub(value: Any) -> Any:

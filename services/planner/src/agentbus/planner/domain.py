@@ -36,6 +36,7 @@ from agentbus.contracts import (
     TaskSubmitted,
     Usage,
     derived_event_id,
+    describe_validation,
     parse_event,
     utcnow,
 )
@@ -492,9 +493,7 @@ def _validate_plan(data: Any) -> Plan:
     try:
         return Plan.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}" for e in exc.errors()[:5]
-        )
+        problems = describe_validation(exc, root="plan")
         raise PlanError(f"the plan does not match the schema: {problems}") from exc
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from agentbus.contracts import PlanStep, ToolOutcome, Usage
+from agentbus.contracts import PlanStep, ToolOutcome, Usage, describe_validation
 from agentbus.core.llm import ChatRequest, LLMError, LLMProvider, Message, ToolCall
 from agentbus.core.llm.base import BudgetRefused
 
@@ -332,7 +332,9 @@ class StepRunner:
             try:
                 args = model.model_validate(call.arguments)
             except ValidationError as exc:
-                result = ExecResult(False, f"error: bad arguments for {call.name}: {exc}")
+                result = ExecResult(
+                    False, f"error: bad arguments for {call.name}: {describe_validation(exc)}"
+                )
             else:
                 result = await self._dispatch(args)
         await progress(
