@@ -46,7 +46,7 @@ def assert_names_the_cause(text: str) -> None:
 def broken_pg(tmp_root: Path) -> Iterator[Postgres]:
     extension = broken_pgvector.build(tmp_root / "sigill-vector")
     pg = Postgres(tmp_root / "pg-sigill").start()
-    broken_pgvector.install(pg.url, extension)
+    broken_pgvector.install(pg, extension)
     yield pg
     pg.stop()
 

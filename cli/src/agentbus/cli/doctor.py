@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from agentbus.contracts import Language, SandboxExecReply
+
 from .locate import agentbus_home, external_database_url, external_nats_url
-from .sandbox_cmd import quiet_logging
+from .sandbox_cmd import quiet_logging, run_throwaway
 from .stack import NatsServer, Postgres, StackError
 
 MIN_FREE_BYTES = 2 * 1024**3  # the database, workspaces and logs of a few tasks
@@ -100,39 +102,23 @@ def check_disk(home: Path) -> Result:
 
 async def check_sandbox() -> Result:
     try:
-        from agentbus.contracts import Language
-        from agentbus.sandbox.adapters.docker import DockerSandbox
-        from agentbus.sandbox.domain import SandboxUnavailable
+        from agentbus.sandbox.domain import SandboxError, SandboxUnavailable
         from agentbus.sandbox.main import Settings
     except ImportError:
         return fail("the sandbox package is not installed", "make setup")
-    settings = Settings()
-    config = settings.model_copy(update={"pool_size": 0, "idle_ttl_s": 0}).sandbox_config()
+    image = Settings().image
     try:
-        sandbox = await DockerSandbox.open(config, settings.docker_url)
+        reply = await run_throwaway(Language.PYTHON, "print(6 * 7)", timeout_s=30)
     except SandboxUnavailable as exc:
         return fail(str(exc), "make setup (starts the engine and builds the image)")
-    task_id = f"doctor-{os.getpid()}"
-    try:
-        reply = await sandbox.run_code(
-            task_id,
-            language=Language.PYTHON,
-            code="print(6 * 7)",
-            timeout_s=30,
-            env={},
-            stdin=None,
-        )
-    finally:
-        try:
-            await sandbox.discard(task_id)
-        finally:
-            await sandbox.close()
+    except SandboxError as exc:
+        reply = SandboxExecReply(ok=False, error=str(exc))
     if not reply.ok or reply.stdout.strip() != "42":
         return fail(
-            f"image {settings.image} did not run code: {reply.error or reply.stderr[-300:]}",
+            f"image {image} did not run code: {reply.error or reply.stderr[-300:]}",
             "rebuild the image: make sandbox-image",
         )
-    return ok(f"engine up, image {settings.image} ran code in {reply.duration_ms:.0f} ms")
+    return ok(f"engine up, image {image} ran code in {reply.duration_ms:.0f} ms")
 
 
 async def check_nats() -> Result:

@@ -87,6 +87,31 @@ def _exit_code(reply: SandboxExecReply) -> int:
     return 124 if reply.outcome is ExecOutcome.TIMEOUT else 1
 
 
+async def run_throwaway(
+    language: Language, code: str, timeout_s: float | None = None
+) -> SandboxExecReply:
+    """Run ``code`` once in a throwaway sandbox: the sandbox service's own settings
+    (``AGENTBUS_SANDBOX_*``) and hardened container, no warm pool, no reaper; the
+    container and its workspace are removed afterwards. Raises ImportError (no sandbox
+    package), SandboxUnavailable (engine down, image missing) or SandboxError."""
+    from agentbus.sandbox.adapters.docker import DockerSandbox
+    from agentbus.sandbox.main import Settings
+
+    settings = Settings()
+    config = settings.model_copy(update={"pool_size": 0, "idle_ttl_s": 0}).sandbox_config()
+    sandbox = await DockerSandbox.open(config, settings.docker_url)
+    task_id = f"cli-{uuid.uuid4().hex[:16]}"
+    try:
+        return await sandbox.run_code(
+            task_id, language=language, code=code, timeout_s=timeout_s, env={}, stdin=None
+        )
+    finally:
+        try:
+            await sandbox.discard(task_id)
+        finally:
+            await sandbox.close()
+
+
 async def _exec(args: argparse.Namespace) -> int:
     quiet_logging()
     try:
@@ -95,39 +120,19 @@ async def _exec(args: argparse.Namespace) -> int:
         print(f"agentbus: cannot read {args.file}: {exc}", file=sys.stderr)
         return EXIT_BAD_REQUEST
     try:
-        from agentbus.sandbox.adapters.docker import DockerSandbox
         from agentbus.sandbox.domain import InvalidRequest, SandboxError, SandboxUnavailable
-        from agentbus.sandbox.main import Settings
     except ImportError:
         print("agentbus: the sandbox package (agentbus-sandbox) is not installed", file=sys.stderr)
         return EXIT_NO_SANDBOX
-    settings = Settings()
-    # A throwaway sandbox: no warm pool, no reaper; same limits and container config.
-    config = settings.model_copy(update={"pool_size": 0, "idle_ttl_s": 0}).sandbox_config()
+    failed = EXIT_BAD_REQUEST
     try:
-        sandbox = await DockerSandbox.open(config, settings.docker_url)
+        reply = await run_throwaway(Language(args.lang), code, args.timeout)
     except SandboxUnavailable as exc:
         print(f"agentbus: no sandbox: {exc}", file=sys.stderr)
         return EXIT_NO_SANDBOX
-    task_id = f"cli-{uuid.uuid4().hex[:16]}"
-    failed = EXIT_BAD_REQUEST
-    try:
-        reply = await sandbox.run_code(
-            task_id,
-            language=Language(args.lang),
-            code=code,
-            timeout_s=args.timeout,
-            env={},
-            stdin=None,
-        )
     except SandboxError as exc:  # InvalidRequest: the request; others: the engine
         failed = EXIT_BAD_REQUEST if isinstance(exc, InvalidRequest) else EXIT_NO_SANDBOX
         reply = SandboxExecReply(ok=False, error=str(exc))
-    finally:
-        try:
-            await sandbox.discard(task_id)
-        finally:
-            await sandbox.close()
     if args.json:
         print(reply.model_dump_json(indent=2))
     else:

