@@ -11,7 +11,7 @@ import pytest
 
 from agentbus.contracts import Event, new_id
 from agentbus.core.budget import BudgetLedger, Ledger, LedgerStatus, Limits, Spend
-from agentbus.core.llm.base import BudgetRefused
+from agentbus.core.budget import BudgetRefused
 
 pytestmark = pytest.mark.integration
 

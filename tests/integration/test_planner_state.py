@@ -7,7 +7,16 @@ import asyncio
 import pytest
 
 from agentbus.cli import client
-from agentbus.contracts import Budget, Plan, PlanStep, StepCompleted, TaskSubmitted, Usage, new_id
+from agentbus.contracts import (
+    Budget,
+    Plan,
+    PlanStep,
+    StepCompleted,
+    TaskStatus,
+    TaskSubmitted,
+    Usage,
+    new_id,
+)
 from agentbus.core.bus import jetstream
 from agentbus.planner import domain
 from agentbus.planner.adapters.state import TaskStore
@@ -51,4 +60,4 @@ async def test_concurrent_writers_never_lose_or_double_an_update(nats_url: str) 
         state = loaded[0]
         assert sorted(state.applied) == sorted(e.event_id for e in events)
         assert {s.output for s in state.steps.values()} == {str(i) for i in range(20)}
-        assert state.phase is domain.TaskPhase.FINISHING
+        assert state.phase is TaskStatus.FINISHING

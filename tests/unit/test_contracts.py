@@ -41,7 +41,7 @@ def test_task_ids_that_would_break_subjects_are_rejected(bad: str) -> None:
 
 
 def test_every_event_type_round_trips_through_parse_event() -> None:
-    assert len(EVENT_TYPES) == 15
+    assert len(EVENT_TYPES) == 17
     for event_type, cls in EVENT_TYPES.items():
         fields = {
             "task.submitted": {"goal": "g"},
@@ -54,6 +54,8 @@ def test_every_event_type_round_trips_through_parse_event() -> None:
             "task.failed": {"reason": "r"},
             "task.cancel_requested": {},
             "task.cancelled": {"reason": "r"},
+            "task.paused": {"reason": "cost budget exhausted", "round": 1},
+            "task.resumed": {"round": 1},
             "step.paused": {"step_id": "s1", "reason": "budget"},
             "llm.called": {"role": "executor", "model": "m", "usage": ModelUsage(calls=1)},
             "budget.warning": {"figure": BudgetFigure(kind=BudgetKind.COST, used=0.8, limit=1)},

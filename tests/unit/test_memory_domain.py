@@ -25,18 +25,20 @@ from agentbus.contracts import (
     StepFailed,
     StepPaused,
     StepReady,
+    StepStatus,
     StepToolCalled,
-    TaskApproved,
     TaskCancelled,
     TaskCancelRequested,
     TaskCompleted,
     TaskFailed,
+    TaskPaused,
+    TaskResumed,
     TaskStatus,
     TaskSubmitted,
     Usage,
 )
 from agentbus.memory import domain
-from agentbus.memory.domain import InvalidEvent, StepStatus, TaskProjection, apply, read_event
+from agentbus.memory.domain import InvalidEvent, TaskProjection, apply, read_event
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 TASK = "tsk_unit"
@@ -243,8 +245,8 @@ def test_the_projection_is_the_same_whatever_order_the_events_arrive_in(count: i
         TaskCancelled(task_id=TASK, reason="too late", usage=spend(9, 9)),
         TaskFailed(task_id=TASK, reason="too late", usage=spend(9, 9)),
         StepPaused(task_id=TASK, step_id="s1", reason="budget", usage=spend(1, 1), attempt=2),
-        BudgetExhausted(task_id=TASK, figure=FIGURE, reason="late", action=OnBudget.PAUSE),
-        TaskApproved(task_id=TASK),
+        TaskPaused(task_id=TASK, reason="late"),
+        TaskResumed(task_id=TASK),
     ],
 )
 def test_a_terminal_task_does_not_go_back_nor_count_spend_twice(late: Event) -> None:
@@ -363,17 +365,29 @@ def exhausted(
     )
 
 
+def paused(round_: int = 0, seconds: float = 0) -> TaskPaused:
+    """The planner's decision after a pausing ``BudgetExhausted`` of that round."""
+    return TaskPaused(
+        task_id=TASK, reason="cost budget exhausted", round=round_, occurred_at=at(seconds)
+    )
+
+
+def resumed(round_: int = 0, seconds: float = 0) -> TaskResumed:
+    """The planner's decision after the approval that answers the pause of ``round_``."""
+    return TaskResumed(task_id=TASK, round=round_, occurred_at=at(seconds))
+
+
 def paused_lifecycle() -> list[Event]:
     """A step stops for lack of budget, the task is approved, the step resumes and ends."""
     return [
         TaskSubmitted(task_id=TASK, goal="the goal", occurred_at=at(0)),
         PlanCreated(task_id=TASK, steps=[S1], usage=spend(1, 0.25), occurred_at=at(1)),
         StepReady(task_id=TASK, step=S1, goal="the goal", occurred_at=at(2)),
-        exhausted(seconds=3),
+        paused(seconds=3),
         StepPaused(
             task_id=TASK, step_id="s1", reason="paused", usage=spend(2, 0.5), occurred_at=at(4)
         ),
-        TaskApproved(task_id=TASK, add_cost_usd=1, occurred_at=at(5)),
+        resumed(seconds=5),
         StepReady(task_id=TASK, step=S1, goal="the goal", attempt=2, occurred_at=at(6)),
         StepCompleted(
             task_id=TASK,
@@ -424,7 +438,7 @@ def test_results_of_steps_in_flight_do_not_end_the_wait() -> None:
         TaskSubmitted(task_id=TASK, goal="g"),
         PlanCreated(task_id=TASK, steps=[S1, S2]),
         StepReady(task_id=TASK, step=S1, goal="g"),
-        exhausted(),
+        paused(),
         StepCompleted(task_id=TASK, step_id="s1", output="done anyway"),
     )
     assert waiting.status is TaskStatus.AWAITING_APPROVAL
@@ -445,28 +459,28 @@ def test_a_pause_gives_the_same_projection_whatever_order_its_events_arrive_in(
         assert projection == expected, [events[i].event_type for i in order]
 
 
-def test_an_approval_answers_the_pause_of_its_round_even_if_it_comes_first() -> None:
+def test_a_resumption_answers_the_pause_of_its_round_even_if_it_comes_first() -> None:
     running = fold(
         TaskSubmitted(task_id=TASK, goal="g"),
         PlanCreated(task_id=TASK, steps=[S1]),
         StepReady(task_id=TASK, step=S1, goal="g"),
-        TaskApproved(task_id=TASK),  # published by a client before the exhaustion landed
-        exhausted(round_=0),
+        resumed(round_=0),  # stored before the pause it answers
+        paused(round_=0),
     )
     assert running.status is TaskStatus.RUNNING
-    again = apply(running, exhausted(round_=1), 6)  # the budget ran out again after it
+    again = apply(running, paused(round_=1), 6)  # the budget ran out again after it
     assert again is not None and again.status is TaskStatus.AWAITING_APPROVAL
-    resumed = apply(again, TaskApproved(task_id=TASK), 7)
-    assert resumed is not None and resumed.status is TaskStatus.RUNNING
+    going = apply(again, resumed(round_=1), 7)
+    assert going is not None and going.status is TaskStatus.RUNNING
 
 
 def test_a_pause_during_planning_runs_again_after_approval() -> None:
     projection = fold(
         TaskSubmitted(task_id=TASK, goal="g"),
-        exhausted(),
+        paused(),
     )
     assert projection.status is TaskStatus.AWAITING_APPROVAL
-    approved = apply(projection, TaskApproved(task_id=TASK), 3)
+    approved = apply(projection, resumed(), 3)
     assert approved is not None and approved.status is TaskStatus.RUNNING
     planned = apply(approved, PlanCreated(task_id=TASK, steps=[S1]), 4)
     assert planned is not None and [s.id for s in planned.steps] == ["s1"]
@@ -488,17 +502,17 @@ def test_a_budget_that_runs_out_with_action_fail_leaves_the_end_to_task_failed()
 def test_a_cancel_request_outranks_a_pause_and_an_approval() -> None:
     requested = fold(
         TaskSubmitted(task_id=TASK, goal="g"),
-        exhausted(),
+        paused(),
         TaskCancelRequested(task_id=TASK),
-        TaskApproved(task_id=TASK),
-        exhausted(round_=1),
+        resumed(),
+        paused(round_=1),
     )
     assert requested.status is TaskStatus.CANCEL_REQUESTED
     cancelled = apply(requested, TaskCancelled(task_id=TASK, reason="by user"), 6)
     assert cancelled is not None and cancelled.status is TaskStatus.CANCELLED
 
 
-def test_llm_calls_and_budget_warnings_change_no_projection() -> None:
+def test_llm_calls_budget_facts_and_approvals_change_no_projection() -> None:
     call = LLMCalled(
         task_id=TASK, role="planner", model="m", usage=ModelUsage(calls=1, cost_usd=0.5)
     )
@@ -508,12 +522,16 @@ def test_llm_calls_and_budget_warnings_change_no_projection() -> None:
     submitted = fold(TaskSubmitted(task_id=TASK, goal="g"))
     assert apply(submitted, call, 2) == submitted
     assert apply(submitted, warning, 3) == submitted
-    assert {"llm.called", "budget.warning", "step.tool_called"}.isdisjoint(domain.PROJECTED_TYPES)
-    assert {"budget.exhausted", "task.approved", "step.paused"} <= domain.PROJECTED_TYPES
+    # What ran out and who approved are facts the planner decides on: memory records
+    # its decisions (TaskPaused, TaskResumed, TaskFailed), never re-derives them.
+    unprojected = {"llm.called", "budget.warning", "step.tool_called"}
+    unprojected |= {"budget.exhausted", "task.approved"}
+    assert unprojected.isdisjoint(domain.PROJECTED_TYPES)
+    assert {"task.paused", "task.resumed", "step.paused"} <= domain.PROJECTED_TYPES
 
 
 def test_a_paused_projection_survives_its_row() -> None:
-    projection = fold(*paused_lifecycle()[:6], exhausted(round_=1, seconds=9))
+    projection = fold(*paused_lifecycle()[:6], paused(round_=1, seconds=9))
     assert (projection.approvals, projection.paused_round) == (1, 1)
     row = json.loads(json.dumps(projection.to_row(), default=str))
     row["created_at"], row["updated_at"] = projection.created_at, projection.updated_at

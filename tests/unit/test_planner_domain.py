@@ -18,12 +18,15 @@ from agentbus.contracts import (
     StepPaused,
     StepReady,
     TaskApproved,
+    TaskPaused,
+    TaskResumed,
+    TaskStatus,
     TaskSubmitted,
     Usage,
     parse_event,
 )
 from agentbus.planner import domain
-from agentbus.planner.domain import PlanError, TaskPhase, parse_plan
+from agentbus.planner.domain import PlanError, parse_plan
 
 
 def plan(*steps: tuple[str, list[str]]) -> Plan:
@@ -68,7 +71,7 @@ def test_all_steps_done_moves_to_finishing_then_complete_emits_answer() -> None:
             task_id="tsk_1", step_id="a", output="x", usage=usage, workspace_files=["f.txt"]
         ),
     )
-    assert state.phase is TaskPhase.FINISHING
+    assert state.phase is TaskStatus.FINISHING
     state.outbox.clear()
     state.complete("the answer", Usage.of("m", ModelUsage(prompt_tokens=1, calls=1)))
     (done,) = state.pending_events()
@@ -111,7 +114,7 @@ def failed_midway() -> domain.TaskState:
 
 def test_failed_step_moves_to_replanning_with_the_failure_in_context() -> None:
     state = failed_midway()
-    assert state.phase is TaskPhase.REPLANNING
+    assert state.phase is TaskStatus.REPLANNING
     assert state.outbox == []
     (_, user) = domain.replan_messages(state)
     assert "[a] a: A!" in user[1] and "[b] b" in user[1]
@@ -127,7 +130,7 @@ def test_replan_keeps_done_and_running_steps_and_dispatches_new_ones() -> None:
     )
     new = domain.parse_replan(text, state)
     state.replan(new, Usage())
-    assert state.phase is TaskPhase.RUNNING
+    assert state.phase is TaskStatus.RUNNING
     assert list(state.steps) == ["a", "b", "c2", "d2"]
     assert state.retired_ids == ["c", "d"]
     created, ready = state.pending_events()
@@ -170,7 +173,7 @@ def test_completion_during_replanning_is_recorded_but_dispatches_nothing() -> No
     state.step_completed(StepCompleted(task_id="tsk_1", step_id="b", output="B!"))
     assert state.outbox == []
     assert state.steps["b"].output == "B!"
-    assert state.phase is TaskPhase.REPLANNING
+    assert state.phase is TaskStatus.REPLANNING
 
 
 def test_wall_time_limit_excludes_time_awaiting_approval() -> None:
@@ -206,13 +209,15 @@ def test_exhausted_budget_pauses_and_approval_resumes_the_paused_step() -> None:
     state.outbox.clear()
     now = domain.now()
     state.budget_exhausted(exhausted(now + timedelta(hours=1)), now)
-    assert state.phase is TaskPhase.AWAITING_APPROVAL
+    assert state.phase is TaskStatus.AWAITING_APPROVAL
     state.step_paused(StepPaused(task_id="tsk_1", step_id="a", reason="r", attempt=1))
     state.step_completed(StepCompleted(task_id="tsk_1", step_id="b", output="B!"))
-    assert state.outbox == []  # nothing is dispatched while waiting
+    assert types(state) == ["task.paused"]  # the decision is published; nothing dispatched
     state.approved(TaskApproved(task_id="tsk_1", add_cost_usd=1), now + timedelta(minutes=5))
-    assert state.phase is TaskPhase.RUNNING
-    (ready,) = state.pending_events()
+    assert state.phase is TaskStatus.RUNNING
+    pause, resume, ready = state.pending_events()
+    assert isinstance(pause, TaskPaused) and isinstance(resume, TaskResumed)
+    assert (pause.round, resume.round, pause.reason) == (0, 0, "cost budget exhausted")
     assert isinstance(ready, StepReady)
     assert (ready.step.id, ready.attempt) == ("a", 2)
     assert state.paused_seconds == pytest.approx(300)
@@ -223,7 +228,7 @@ def test_stale_exhaustion_after_an_approval_is_ignored() -> None:
     now = domain.now()
     state.approved(TaskApproved(task_id="tsk_1", add_cost_usd=1), now)  # round 1
     state.budget_exhausted(exhausted(now, rnd=0), now)
-    assert state.phase is TaskPhase.RUNNING
+    assert state.phase is TaskStatus.RUNNING
 
 
 def test_fail_policy_fails_the_task_with_the_reason() -> None:
@@ -240,9 +245,9 @@ def test_approval_timeout_fails_the_task_only_after_the_deadline() -> None:
     now = domain.now()
     state.budget_exhausted(exhausted(now + timedelta(seconds=30)), now)
     state.approval_timed_out(now + timedelta(seconds=29))
-    assert state.phase is TaskPhase.AWAITING_APPROVAL
+    assert state.phase is TaskStatus.AWAITING_APPROVAL
     state.approval_timed_out(now + timedelta(seconds=31))
-    assert types(state) == ["task.failed"]
+    assert types(state) == ["task.paused", "task.failed"]
     assert "no approval came within 31 s" in state.reason
     assert state.reason.startswith("cost budget exhausted; no approval came")
     assert "agentbus approve" not in state.reason  # the hint is for a task still waiting
@@ -253,9 +258,9 @@ def test_a_failure_while_waiting_is_re_planned_after_approval() -> None:
     now = domain.now()
     state.budget_exhausted(exhausted(now + timedelta(hours=1)), now)
     state.step_failed(StepFailed(task_id="tsk_1", step_id="b", error="boom"))
-    assert state.phase is TaskPhase.AWAITING_APPROVAL
+    assert state.phase is TaskStatus.AWAITING_APPROVAL
     state.approved(TaskApproved(task_id="tsk_1"), now)
-    assert state.phase is TaskPhase.REPLANNING
+    assert state.phase is TaskStatus.REPLANNING
 
 
 def test_the_prompt_states_the_budget_left() -> None:

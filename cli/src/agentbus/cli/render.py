@@ -21,6 +21,8 @@ from agentbus.contracts import (
     TaskCancelRequested,
     TaskCompleted,
     TaskFailed,
+    TaskPaused,
+    TaskResumed,
     TaskSubmitted,
     Usage,
 )
@@ -108,6 +110,10 @@ def render_event(event: Event) -> list[str]:  # noqa: PLR0912 - one case per eve
             return lines
         case TaskApproved():
             return [_approval(event)]
+        case TaskPaused():
+            return ["|| task paused: awaiting approval"]
+        case TaskResumed():
+            return ["task resumed"]
         case TaskCancelRequested():
             return [f"cancel requested: {event.reason}"]
         case TaskCancelled():

@@ -222,6 +222,27 @@ class TaskApproved(Event):
     approved_by: str = Field("cli", max_length=200, description="Who approved.")
 
 
+class TaskPaused(Event):
+    """The planner paused the task: a budget ran out and it awaits approval. The
+    planner's decision, after ``BudgetExhausted`` (which says what ran out)."""
+
+    event_type: ClassVar[str] = "task.paused"
+    type: Literal["task.paused"] = "task.paused"
+    reason: str = Field(description="What ran out.")
+    approval_deadline: datetime | None = Field(
+        None, description="When the task fails unless approved."
+    )
+    round: int = Field(0, ge=0, description="How many approvals the task had before this.")
+
+
+class TaskResumed(Event):
+    """An approval answered the task's pause: it goes on where it stopped."""
+
+    event_type: ClassVar[str] = "task.resumed"
+    type: Literal["task.resumed"] = "task.resumed"
+    round: int = Field(0, ge=0, description="The round of the pause this answers.")
+
+
 AnyEvent = Annotated[
     TaskSubmitted
     | PlanCreated
@@ -234,6 +255,8 @@ AnyEvent = Annotated[
     | BudgetWarning
     | BudgetExhausted
     | TaskApproved
+    | TaskPaused
+    | TaskResumed
     | TaskCompleted
     | TaskFailed
     | TaskCancelRequested
@@ -255,6 +278,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         BudgetWarning,
         BudgetExhausted,
         TaskApproved,
+        TaskPaused,
+        TaskResumed,
         TaskCompleted,
         TaskFailed,
         TaskCancelRequested,

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from .lifecycle import StepStatus, TaskStatus
 from .models import Contract, ModelUsage, Usage
 
 TaskIdField = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The task this is about.")
@@ -145,17 +146,6 @@ class MemorySearchReply(Reply):
     hits: list[MemoryHit] = Field(default_factory=list, description="Best matches first.")
 
 
-class TaskStatus(StrEnum):
-    SUBMITTED = "submitted"
-    PLANNED = "planned"
-    RUNNING = "running"
-    AWAITING_APPROVAL = "awaiting_approval"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCEL_REQUESTED = "cancel_requested"
-    CANCELLED = "cancelled"
-
-
 class TaskSummary(Contract):
     task_id: str = Field(description="Task id.")
     goal: str = Field("", description="The task in plain words.")
@@ -182,7 +172,7 @@ class TaskHistoryRequest(Contract):
 class StepSummary(Contract):
     id: str = Field(description="Step id within the plan.")
     title: str = Field("", description="Short title of the step.")
-    status: str = Field(description="pending, running, paused (budget), completed or failed.")
+    status: StepStatus = Field(description="Where the step stands.")
     attempt: int = Field(0, ge=0, description="Latest attempt seen (0: not started).")
     output: str | None = Field(None, description="Output of the step, once completed.")
     error: str | None = Field(None, description="Why the latest attempt failed, if it did.")

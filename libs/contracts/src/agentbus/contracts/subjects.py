@@ -49,7 +49,8 @@ SANDBOX_LIFECYCLE_DURABLE: Final = "sandbox-lifecycle"
 # JetStream key-value buckets. Every replica of every service shares them.
 PLANNER_STATE_BUCKET: Final = "agentbus_planner_tasks"
 PLANNER_TIMERS_BUCKET: Final = "agentbus_planner_timers"  # task -> next deadline
-BUDGET_LEDGER_BUCKET: Final = "agentbus_budgets"  # task -> spend, reservations, limits
+# task -> spend, reservations, limits: the record is ``contracts.ledger.LedgerRecord``
+BUDGET_LEDGER_BUCKET: Final = "agentbus_budgets"
 RATE_LIMIT_BUCKET: Final = "agentbus_rate_limits"  # provider+key -> request/token windows
 STEP_CHECKPOINT_BUCKET: Final = "agentbus_step_checkpoints"  # task.step -> paused dialogue
 

@@ -360,6 +360,16 @@ async def publish_event(broker: NatsBroker, event: Event, *, timeout: float = 10
     return ack
 
 
+class BusPublisher:
+    """The :class:`~agentbus.core.ports.Publisher` port on a broker."""
+
+    def __init__(self, broker: NatsBroker) -> None:
+        self.broker = broker
+
+    async def publish(self, event: Event) -> None:
+        await publish_event(self.broker, event)
+
+
 async def rpc(
     broker: NatsBroker,
     subject: str,

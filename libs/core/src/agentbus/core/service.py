@@ -66,6 +66,11 @@ class Service:
         event it could not handle: the events wait in their durable consumers."""
         self.routes.append(router)
 
+    def provide(self, key: str, value: object) -> None:
+        """Make ``value`` (a service's use cases, built in a start-up hook) what the
+        route handlers get as ``Annotated[T, Context(key)]``."""
+        self.broker.context.set_global(key, value)
+
     def fail(self, reason: str) -> None:
         """A start-up check found something a person must fix: the replica stays up, not
         ready, says ``reason`` on /readyz and in its health replies, and serves nothing."""

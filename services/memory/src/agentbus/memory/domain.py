@@ -22,25 +22,25 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
 
 from agentbus.contracts import (
     EVENT_TYPES,
+    TERMINAL_STATUSES,
     BudgetExhausted,
     BudgetWarning,
     Event,
     LLMCalled,
     ModelUsage,
-    OnBudget,
     PlanCreated,
     PlanStep,
     StepCompleted,
     StepFailed,
     StepPaused,
     StepReady,
+    StepStatus,
     StepToolCalled,
     TaskApproved,
     TaskCancelled,
@@ -48,6 +48,8 @@ from agentbus.contracts import (
     TaskCompleted,
     TaskCost,
     TaskFailed,
+    TaskPaused,
+    TaskResumed,
     TaskStatus,
     TaskSubmitted,
     TaskSummary,
@@ -57,12 +59,18 @@ from agentbus.contracts import (
     subjects,
 )
 
-TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
-
 # Events that change nothing in a task's projection: progress for people following
-# along (StepToolCalled, BudgetWarning) and spend records (LLMCalled, which memory keeps
-# in a table of its own).
-UNPROJECTED: tuple[type[Event], ...] = (StepToolCalled, LLMCalled, BudgetWarning)
+# along (StepToolCalled, BudgetWarning), spend records (LLMCalled, which memory keeps
+# in a table of its own), and budget facts and requests the planner decides on
+# (BudgetExhausted, TaskApproved): its decisions (TaskPaused, TaskResumed, TaskFailed)
+# are what the projection records.
+UNPROJECTED: tuple[type[Event], ...] = (
+    StepToolCalled,
+    LLMCalled,
+    BudgetWarning,
+    BudgetExhausted,
+    TaskApproved,
+)
 PROJECTED_TYPES = frozenset(
     name for name, cls in EVENT_TYPES.items() if not issubclass(cls, UNPROJECTED)
 )
@@ -217,14 +225,6 @@ def _timestamp(value: Any) -> datetime | None:
 # --- the task projection -------------------------------------------------------------
 
 
-class StepStatus(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    PAUSED = "paused"  # stopped by the task's budget; resumes as a new attempt
-    COMPLETED = "completed"
-    FAILED = "failed"
-
-
 # The attempt these statuses describe is over: the same attempt's StepReady, arriving
 # late, must not make the step running again.
 _ATTEMPT_OVER = frozenset({StepStatus.PAUSED, StepStatus.COMPLETED, StepStatus.FAILED})
@@ -270,9 +270,10 @@ class StepView:
 class TaskProjection:
     """A task as its events so far describe it; ``last_seq`` is the newest event applied.
 
-    ``approvals`` counts the task's approvals; ``paused_round`` is the highest approval
-    round in which a budget ran out with action pause (None: never). The task awaits
-    approval while that pause has not been answered by an approval.
+    Pauses are the planner's decisions, numbered by approval round: ``paused_round`` is
+    the round of the latest ``TaskPaused`` (None: never paused); ``approvals`` is one
+    more than the round of the latest ``TaskResumed`` (every pause up to it answered).
+    The task awaits approval while its latest pause is unanswered.
     """
 
     task_id: str
@@ -292,12 +293,12 @@ class TaskProjection:
 
     @property
     def terminal(self) -> bool:
-        return self.status in TERMINAL
+        return self.status in TERMINAL_STATUSES
 
     @property
     def unanswered_pause(self) -> bool:
-        """A budget pause no approval has answered yet. Rounds count approvals: the
-        pause of round n (n approvals before it) is answered by approval n + 1."""
+        """A pause the planner has not resumed yet: the pause of round n (n approvals
+        before it) is answered by the ``TaskResumed`` of round n."""
         return self.paused_round is not None and self.paused_round >= self.approvals
 
     def step(self, step_id: str) -> StepView | None:
@@ -418,8 +419,8 @@ def _transition(p: TaskProjection, event: Event) -> TaskProjection:
             view = p.step(event.step_id)
             output = view.output if view is not None else None
             return _step_result(p, event, status=StepStatus.PAUSED, output=output, error=None)
-        case BudgetExhausted() | TaskApproved():
-            return _budget(p, event)
+        case TaskPaused() | TaskResumed():
+            return _pause_rounds(p, event)
         case TaskCompleted():
             return _ended(p, TaskStatus.COMPLETED, event.usage, answer=event.answer)
         case TaskFailed():
@@ -432,20 +433,18 @@ def _transition(p: TaskProjection, event: Event) -> TaskProjection:
             return p
 
 
-def _budget(p: TaskProjection, event: BudgetExhausted | TaskApproved) -> TaskProjection:
-    """Count approvals and pauses; ``_approval_status`` derives the status from them."""
-    if isinstance(event, TaskApproved):
-        return replace(p, approvals=p.approvals + 1)
-    if event.action is OnBudget.PAUSE:
+def _pause_rounds(p: TaskProjection, event: TaskPaused | TaskResumed) -> TaskProjection:
+    """Record the planner's pause or resumption; ``_approval_status`` reads the rounds."""
+    if isinstance(event, TaskPaused):
         return replace(p, paused_round=max(event.round, p.paused_round or 0))
-    return p  # action fail: the planner fails the task, TaskFailed follows
+    return replace(p, approvals=max(event.round + 1, p.approvals))
 
 
 def _approval_status(p: TaskProjection) -> TaskProjection:
     """Awaiting approval while a budget pause is unanswered; running once it is.
 
-    Derived from the rounds after every event, so a pause and its approval give the
-    same status whichever is applied first. A terminal state or a cancel request wins.
+    Worked out from the rounds after every event, so a pause and its resumption give
+    the same status whichever is applied first. A terminal state or a cancel request wins.
     """
     if p.terminal or p.status is TaskStatus.CANCEL_REQUESTED:
         return p
@@ -458,9 +457,9 @@ def _approval_status(p: TaskProjection) -> TaskProjection:
 
 def _moved(current: TaskStatus, target: TaskStatus) -> TaskStatus:
     """Terminal states are final; a cancel request yields only to the end of the task."""
-    if current in TERMINAL:
+    if current in TERMINAL_STATUSES:
         return current
-    if current is TaskStatus.CANCEL_REQUESTED and target not in TERMINAL:
+    if current is TaskStatus.CANCEL_REQUESTED and target not in TERMINAL_STATUSES:
         return current
     return target
 

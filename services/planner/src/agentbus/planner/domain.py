@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from agentbus.contracts import (
+    TERMINAL_STATUSES,
     Budget,
     BudgetExhausted,
     Event,
@@ -29,10 +29,14 @@ from agentbus.contracts import (
     StepFailed,
     StepPaused,
     StepReady,
+    StepStatus,
     TaskApproved,
     TaskCancelled,
     TaskCompleted,
     TaskFailed,
+    TaskPaused,
+    TaskResumed,
+    TaskStatus,
     TaskSubmitted,
     Usage,
     derived_event_id,
@@ -44,28 +48,6 @@ from agentbus.contracts import (
 _APPLIED_KEEP = 500
 
 
-class TaskPhase(StrEnum):
-    PLANNING = "planning"  # the first plan is being made
-    RUNNING = "running"
-    REPLANNING = "replanning"  # a step failed; a new plan for the rest is being made
-    FINISHING = "finishing"  # every step done; the answer is being written
-    AWAITING_APPROVAL = "awaiting_approval"  # a budget ran out; waiting for more
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL = {TaskPhase.COMPLETED, TaskPhase.FAILED, TaskPhase.CANCELLED}
-
-
-class StepStatus(StrEnum):
-    PENDING = "pending"
-    DISPATCHED = "dispatched"
-    PAUSED = "paused"  # stopped by an exhausted budget; resumes after approval
-    COMPLETED = "completed"
-    FAILED = "failed"
-
-
 class StepState(BaseModel):
     step: PlanStep
     status: StepStatus = StepStatus.PENDING
@@ -73,14 +55,23 @@ class StepState(BaseModel):
     output: str = ""
     error: str = ""
 
+    @field_validator("status", mode="before")
+    @classmethod
+    def _dispatched_is_running(cls, value: object) -> object:
+        # State saved before the lifecycle moved to contracts named a running step
+        # "dispatched": tasks in flight across an upgrade read it as running.
+        return StepStatus.RUNNING if value == "dispatched" else value
+
 
 class TaskState(BaseModel):
     task_id: str
     goal: str
     budget: Budget
     submitted_at: datetime
-    phase: TaskPhase = TaskPhase.PLANNING
-    resume_phase: TaskPhase | None = Field(None, description="Phase to resume after approval.")
+    # The task's status (contracts' lifecycle); the planner's own state only ever holds
+    # planning, running, replanning, finishing, awaiting_approval and the terminal ones.
+    phase: TaskStatus = TaskStatus.PLANNING
+    resume_phase: TaskStatus | None = Field(None, description="Status to resume after approval.")
     paused_at: datetime | None = None
     paused_seconds: float = Field(0, description="Time spent awaiting approval so far.")
     approval_deadline: datetime | None = None
@@ -107,7 +98,7 @@ class TaskState(BaseModel):
 
     @property
     def terminal(self) -> bool:
-        return self.phase in TERMINAL
+        return self.phase in TERMINAL_STATUSES
 
     def ready_steps(self) -> list[StepState]:
         done = {i for i, s in self.steps.items() if s.status is StepStatus.COMPLETED}
@@ -137,14 +128,14 @@ class TaskState(BaseModel):
     @property
     def active(self) -> bool:
         """Working (not finished, not waiting for approval)."""
-        return not self.terminal and self.phase is not TaskPhase.AWAITING_APPROVAL
+        return not self.terminal and self.phase is not TaskStatus.AWAITING_APPROVAL
 
     def next_deadline(self) -> datetime | None:
         """When the planner must look at the task again if nothing happens: the approval
         deadline while waiting, the end of the time budget while working."""
         if self.terminal:
             return None
-        if self.phase is TaskPhase.AWAITING_APPROVAL:
+        if self.phase is TaskStatus.AWAITING_APPROVAL:
             return self.approval_deadline
         return self.submitted_at + timedelta(
             seconds=self.budget.max_wall_seconds + self.paused_seconds
@@ -163,9 +154,9 @@ class TaskState(BaseModel):
 
     def start(self, plan: Plan, usage: Usage) -> None:
         """Record the plan and dispatch every step whose dependencies are met."""
-        if self.phase is not TaskPhase.PLANNING:
+        if self.phase is not TaskStatus.PLANNING:
             return
-        self.phase = TaskPhase.RUNNING
+        self.phase = TaskStatus.RUNNING
         self.revision += 1
         self.steps = {s.id: StepState(step=s) for s in plan.steps}
         self.usage = self.usage + usage
@@ -181,10 +172,10 @@ class TaskState(BaseModel):
         self._dispatch_ready()
 
     def _dispatch_ready(self) -> None:
-        if self.phase is not TaskPhase.RUNNING:
+        if self.phase is not TaskStatus.RUNNING:
             return
         for state in self.ready_steps():
-            state.status = StepStatus.DISPATCHED
+            state.status = StepStatus.RUNNING
             state.attempt += 1
             inputs = {d: self.steps[d].output for d in state.step.depends_on}
             self._emit(
@@ -212,10 +203,10 @@ class TaskState(BaseModel):
     def _go_on(self) -> None:
         """Running: finish when every step is done, else dispatch what is ready. Other
         phases decide themselves what runs next (a re-plan, an approval)."""
-        if self.phase is not TaskPhase.RUNNING:
+        if self.phase is not TaskStatus.RUNNING:
             return
         if self.all_done():
-            self.phase = TaskPhase.FINISHING
+            self.phase = TaskStatus.FINISHING
         else:
             self._dispatch_ready()
 
@@ -228,8 +219,8 @@ class TaskState(BaseModel):
         self.usage = self.usage + event.usage
         failure = f"step {event.step_id} ({state.step.title}) failed: {event.error}"
         self.failures.append(failure)
-        waiting = self.phase is TaskPhase.AWAITING_APPROVAL
-        if (self.resume_phase if waiting else self.phase) is TaskPhase.REPLANNING:
+        waiting = self.phase is TaskStatus.AWAITING_APPROVAL
+        if (self.resume_phase if waiting else self.phase) is TaskStatus.REPLANNING:
             return  # the re-plan under way (or to resume) will see this failure too
         if self.replans >= self.budget.max_replans:
             limit = self.budget.max_replans
@@ -237,15 +228,15 @@ class TaskState(BaseModel):
             self.fail(failure + after)
             return
         if waiting:
-            self.resume_phase = TaskPhase.REPLANNING
+            self.resume_phase = TaskStatus.REPLANNING
         else:
-            self.phase = TaskPhase.REPLANNING
+            self.phase = TaskStatus.REPLANNING
 
     def step_paused(self, event: StepPaused) -> None:
         """The step stopped for lack of budget; it is dispatched again (and resumes its
         checkpointed dialogue) once the task is approved (see :meth:`resume_paused`)."""
         state = self.steps.get(event.step_id)
-        if self.terminal or state is None or state.status is not StepStatus.DISPATCHED:
+        if self.terminal or state is None or state.status is not StepStatus.RUNNING:
             return
         if event.attempt != state.attempt:
             return
@@ -266,36 +257,53 @@ class TaskState(BaseModel):
             self.fail(event.reason)
             return
         self.exhausted_reason = event.cause or event.reason
-        if self.phase is TaskPhase.AWAITING_APPROVAL:
+        if self.phase is TaskStatus.AWAITING_APPROVAL:
             return
         self.resume_phase = self.phase
-        self.phase = TaskPhase.AWAITING_APPROVAL
+        self.phase = TaskStatus.AWAITING_APPROVAL
         self.paused_at = now
         self.approval_deadline = event.approval_deadline
+        self._emit(
+            TaskPaused(
+                event_id=derived_event_id(self.task_id, "paused", self.approvals),
+                task_id=self.task_id,
+                reason=self.exhausted_reason,
+                approval_deadline=self.approval_deadline,
+                round=self.approvals,
+            )
+        )
 
     def approved(self, event: TaskApproved, now: datetime) -> None:
         """More budget: resume what was paused, where it stopped."""
         if self.terminal:
             return
+        answered = self.approvals  # the round of the pause this approval answers
         self.approvals += 1
         if event.add_wall_seconds:
             self.budget = self.budget.model_copy(
                 update={"max_wall_seconds": self.budget.max_wall_seconds + event.add_wall_seconds}
             )
-        if self.phase is not TaskPhase.AWAITING_APPROVAL:
+        if self.phase is not TaskStatus.AWAITING_APPROVAL:
             self._go_on()  # approved before the pause reached us: paused steps go on
             return
         if self.paused_at is not None:
             self.paused_seconds += max(0.0, (now - self.paused_at).total_seconds())
-        self.phase = self.resume_phase or TaskPhase.RUNNING
+        self.phase = self.resume_phase or TaskStatus.RUNNING
         self.resume_phase = None
         self.paused_at = None
         self.approval_deadline = None
+        self._emit(
+            TaskResumed(
+                event_id=derived_event_id(self.task_id, "resumed", answered),
+                task_id=self.task_id,
+                round=answered,
+            )
+        )
         self._go_on()
 
     def approval_timed_out(self, now: datetime) -> None:
         deadline = self.approval_deadline
-        if self.phase is not TaskPhase.AWAITING_APPROVAL or deadline is None or now < deadline:
+        if self.phase is not TaskStatus.AWAITING_APPROVAL or deadline is None or now < deadline:
             return
         waited = (now - self.paused_at).total_seconds() if self.paused_at else 0.0
         self.fail(
@@ -307,7 +315,7 @@ class TaskState(BaseModel):
         return [
             s
             for s in self.steps.values()
-            if s.status in {StepStatus.COMPLETED, StepStatus.DISPATCHED, StepStatus.PAUSED}
+            if s.status in {StepStatus.COMPLETED, StepStatus.RUNNING, StepStatus.PAUSED}
         ]
 
     def used_ids(self) -> set[str]:
@@ -315,7 +323,7 @@ class TaskState(BaseModel):
 
     def replan(self, new_steps: list[PlanStep], usage: Usage) -> None:
         """Replace the failed and not yet started steps by ``new_steps`` and go on."""
-        if self.phase is not TaskPhase.REPLANNING:
+        if self.phase is not TaskStatus.REPLANNING:
             return
         kept = {s.step.id: s for s in self.kept_steps()}
         self.retired_ids = sorted(set(self.retired_ids) | (set(self.steps) - set(kept)))
@@ -323,7 +331,7 @@ class TaskState(BaseModel):
         self.replans += 1
         self.revision += 1
         self.usage = self.usage + usage
-        self.phase = TaskPhase.RUNNING
+        self.phase = TaskStatus.RUNNING
         self._emit(
             PlanCreated(
                 event_id=derived_event_id(self.task_id, "plan", self.revision),
@@ -334,14 +342,14 @@ class TaskState(BaseModel):
             )
         )
         if self.all_done():
-            self.phase = TaskPhase.FINISHING
+            self.phase = TaskStatus.FINISHING
         else:
             self._dispatch_ready()
 
     def complete(self, answer: str, usage: Usage) -> None:
         if self.terminal:
             return
-        self.phase = TaskPhase.COMPLETED
+        self.phase = TaskStatus.COMPLETED
         self.usage = self.usage + usage
         self.answer = answer
         self._emit(
@@ -357,7 +365,7 @@ class TaskState(BaseModel):
     def fail(self, reason: str, usage: Usage | None = None) -> None:
         if self.terminal:
             return
-        self.phase = TaskPhase.FAILED
+        self.phase = TaskStatus.FAILED
         self.usage = self.usage + (usage or Usage())
         self.reason = reason
         self._emit(
@@ -372,7 +380,7 @@ class TaskState(BaseModel):
     def cancel(self, reason: str) -> None:
         if self.terminal:
             return
-        self.phase = TaskPhase.CANCELLED
+        self.phase = TaskStatus.CANCELLED
         self.reason = reason
         self._emit(
             TaskCancelled(
@@ -442,9 +450,7 @@ def plan_messages(goal: str, budget: Budget, remaining: str = "") -> list[tuple[
 def replan_messages(state: TaskState, remaining: str = "") -> list[tuple[str, str]]:
     lines = [f"Task: {state.goal}{budget_note(remaining)}", ""]
     done = [s for s in state.kept_steps() if s.status is StepStatus.COMPLETED]
-    running = [
-        s for s in state.kept_steps() if s.status in {StepStatus.DISPATCHED, StepStatus.PAUSED}
-    ]
+    running = [s for s in state.kept_steps() if s.status in {StepStatus.RUNNING, StepStatus.PAUSED}]
     if done:
         lines += ["Steps done:"] + [f"[{s.step.id}] {s.step.title}: {s.output}" for s in done]
     if running:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from faststream import FastStream
 from opentelemetry.sdk.trace import TracerProvider
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from agentbus.core.budget import BudgetLedger
-from agentbus.core.bus import jetstream
+from agentbus.core.bus import BusPublisher, jetstream
 from agentbus.core.service import Service, run
 from agentbus.core.settings import CommonSettings, LLMSettings
 
 from .adapters.state import TaskStore
 from .adapters.timers import TimerStore
 from .config import BudgetDefaults
-from .handlers import PlannerDeps, Sweeper, register
+from .routes import USES, build_router
+from .usecases import Planner, Sweeper
 
 
 class Settings(CommonSettings):
@@ -30,31 +33,32 @@ class Settings(CommonSettings):
 
 def create_app(settings: Settings, tracer_provider: TracerProvider | None = None) -> FastStream:
     service = Service.create("planner", settings, tracer_provider=tracer_provider)
-    deps = PlannerDeps(
-        broker=service.broker,
-        bus=settings.bus,
-        llm_settings=settings.llm,
-        defaults=settings.budget,
-    )
-    register(deps)
-    sweeper = Sweeper(deps, settings.sweep_interval_s)
+    service.serve(build_router(settings.bus))
+    opened = contextlib.AsyncExitStack()  # closed in reverse order after shutdown
 
     async def open_adapters() -> None:
         js = jetstream(service.broker)
-        deps.ledger = await BudgetLedger.open(js)
-        deps.llm = await service.llm_provider(settings.llm, "planner", deps.ledger)
-        deps.store = await TaskStore.open(js)
-        deps.timers = await TimerStore.open(js)
+        ledger = await BudgetLedger.open(js)
+        llm = await service.llm_provider(settings.llm, "planner", ledger)
+        opened.push_async_callback(llm.aclose)
+        timers = await TimerStore.open(js)
+        opened.push_async_callback(timers.close)
+        planner = Planner(
+            states=await TaskStore.open(js),
+            timers=timers,
+            ledger=ledger,
+            llm=llm,
+            publisher=BusPublisher(service.broker),
+            model=settings.llm.model_for("planner"),
+            max_tokens=settings.llm.max_tokens,
+            defaults=settings.budget,
+        )
+        service.provide(USES, planner)
+        sweeper = Sweeper(planner.sweep, settings.sweep_interval_s)
         sweeper.start()
+        opened.push_async_callback(sweeper.stop)
 
-    async def close_adapters() -> None:
-        await sweeper.stop()
-        if deps.timers is not None:
-            await deps.timers.close()
-        if deps.llm is not None:
-            await deps.llm.aclose()
-
-    return service.app(on_startup=[open_adapters], after_shutdown=[close_adapters])
+    return service.app(on_startup=[open_adapters], after_shutdown=[opened.aclose])
 
 
 def main() -> None:

@@ -66,15 +66,6 @@ class LLMError(Exception):
         self.status = status
 
 
-class BudgetRefused(LLMError):
-    """The call was not made: the task's budget could be crossed (the task pauses for
-    approval or fails), or the task has ended (``closed``: cancelled or finished)."""
-
-    def __init__(self, message: str, *, closed: bool = False) -> None:
-        super().__init__(message, retryable=False)
-        self.closed = closed
-
-
 @runtime_checkable
 class LLMProvider(Protocol):
     name: str

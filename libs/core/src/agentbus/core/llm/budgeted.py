@@ -15,8 +15,8 @@ import structlog
 
 from agentbus.contracts import LLMCalled
 
-from ..budget import BudgetLedger, LedgerStatus, Publish, Spend
-from .base import BudgetRefused, ChatRequest, ChatResponse, LLMError, LLMProvider
+from ..budget import BudgetLedger, BudgetRefused, LedgerStatus, Publish, Spend
+from .base import ChatRequest, ChatResponse, LLMError, LLMProvider
 from .pricing import PriceTable
 
 log = structlog.get_logger(__name__)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from agentbus.contracts import PlanStep, ToolOutcome, Usage, describe_validation
 from agentbus.core.llm import ChatRequest, LLMError, LLMProvider, Message, ToolCall
-from agentbus.core.llm.base import BudgetRefused
+from agentbus.core.budget import BudgetRefused
 
 from .tools import (
     TOOLS,
