@@ -10,8 +10,7 @@ import nats
 import pytest
 
 from agentbus.contracts import Event, new_id
-from agentbus.core.budget import BudgetLedger, Ledger, LedgerStatus, Limits, Spend
-from agentbus.core.budget import BudgetRefused
+from agentbus.core.budget import BudgetLedger, BudgetRefused, Ledger, LedgerStatus, Limits, Spend
 
 pytestmark = pytest.mark.integration
 

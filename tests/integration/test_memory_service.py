@@ -21,9 +21,6 @@ from faststream.nats import NatsBroker
 
 from agentbus.cli import client
 from agentbus.contracts import (
-    BudgetExhausted,
-    BudgetFigure,
-    BudgetKind,
     CostsReply,
     CostsRequest,
     Event,
@@ -31,19 +28,20 @@ from agentbus.contracts import (
     HealthRequest,
     LLMCalled,
     ModelUsage,
-    OnBudget,
     PlanCreated,
     PlanStep,
     StepCompleted,
     StepPaused,
     StepReady,
     StepToolCalled,
-    TaskApproved,
     TaskCompleted,
     TaskFailed,
     TaskHistoryReply,
+    TaskHistoryRequest,
     TaskListReply,
     TaskListRequest,
+    TaskPaused,
+    TaskResumed,
     TaskStatus,
     TaskSubmitted,
     Usage,
@@ -56,7 +54,7 @@ from agentbus.memory import Settings, create_app, domain
 from agentbus.memory.adapters import db as memory_db
 from agentbus.memory.adapters.db import Database, migrations, run_migrations
 from agentbus.memory.adapters.embeddings import LocalEmbedder, load_minilm
-from agentbus.memory.handlers import answer_history
+from agentbus.memory.usecases import TaskQueries
 from tests.support import dead_letters, eventually
 
 pytestmark = pytest.mark.integration
@@ -318,7 +316,7 @@ async def test_a_database_failure_gives_an_error_reply_not_a_crash(database_url:
     await database.close()  # every query now fails, as with a lost database
 
     assert not await database.ping()
-    reply = await answer_history(database, new_id("tsk"))
+    reply = await TaskQueries(database).answer_history(TaskHistoryRequest(task_id=new_id("tsk")))
     assert not reply.ok
     assert reply.error is not None and reply.error.startswith("cannot read task history: ")
 
@@ -617,15 +615,12 @@ async def test_llm_calls_are_stored_once_and_costs_count_every_call_of_the_plann
     assert report.by_task[0].usage.by_model["model-p"].calls == 2
 
 
-def exhausted(task_id: str, round_: int = 0) -> BudgetExhausted:
-    return BudgetExhausted(
+def paused(task_id: str, round_: int = 0) -> TaskPaused:
+    """The planner's decision after a pausing BudgetExhausted."""
+    return TaskPaused(
         task_id=task_id,
-        figure=BudgetFigure(kind=BudgetKind.COST, used=0.5, limit=0.5),
-        needed=0.1,
         reason="cost budget exhausted",
-        action=OnBudget.PAUSE,
         approval_deadline=datetime.now(UTC) + timedelta(hours=1),
-        step_id="s1",
         round=round_,
     )
 
@@ -640,9 +635,9 @@ async def test_a_task_paused_by_its_budget_awaits_approval_and_its_step_resumes(
         TaskSubmitted(task_id=task_id, goal="count"),
         PlanCreated(task_id=task_id, steps=[step]),
         StepReady(task_id=task_id, step=step, goal="count"),
-        exhausted(task_id),
+        paused(task_id),
         StepPaused(task_id=task_id, step_id="s1", reason="cost budget exhausted", usage=first),
-        TaskApproved(task_id=task_id, add_cost_usd=1.0),
+        TaskResumed(task_id=task_id, round=0),  # the planner's answer to the approval
         StepReady(task_id=task_id, step=step, goal="count", attempt=2),
         StepCompleted(task_id=task_id, step_id="s1", output="3", usage=second, attempt=2),
     ]
@@ -686,9 +681,9 @@ async def test_a_late_event_replays_the_task_and_keeps_its_pause(
         2: PlanCreated(task_id=task_id, steps=[step]),
         3: StepReady(task_id=task_id, step=step, goal="g"),
         4: StepPaused(task_id=task_id, step_id="s1", reason="budget", usage=paused_usage),
-        5: exhausted(task_id),
+        5: paused(task_id),
         6: llm,
-        7: TaskApproved(task_id=task_id),
+        7: TaskResumed(task_id=task_id),
     }
 
     async def record(database: Database, seq: int) -> None:

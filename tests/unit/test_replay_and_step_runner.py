@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from agentbus.contracts import ModelUsage, PlanStep
+from agentbus.core.budget import BudgetRefused
 from agentbus.core.llm import (
     ChatRequest,
     ChatResponse,
@@ -19,7 +20,6 @@ from agentbus.core.llm import (
     Transcript,
     build_transcript,
 )
-from agentbus.core.llm.base import BudgetRefused
 from agentbus.executor.domain import ExecResult, StepRunner, ToolEvent, clip, tool_specs
 from agentbus.executor.domain.loop import unanswered
 

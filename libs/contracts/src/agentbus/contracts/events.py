@@ -92,27 +92,28 @@ class StepToolCalled(Event):
     duration_ms: float = Field(0, ge=0, description="How long the tool took.")
 
 
-class StepCompleted(Event):
+class StepOutcome(Event):
+    """Fields every outcome of a step's attempt carries (completed, failed, paused)."""
+
+    step_id: StepId
+    usage: Usage = Field(default_factory=Usage, description="LLM spend of this attempt.")
+    worker: str = Field("", description="The executor replica that ran the step.")
+    attempt: int = Field(1, ge=1, description="Which dispatch of the step this answers.")
+
+
+class StepCompleted(StepOutcome):
     event_type: ClassVar[str] = "step.completed"
     type: Literal["step.completed"] = "step.completed"
-    step_id: StepId
     output: str = Field(max_length=20_000, description="What the step produced, in words.")
-    usage: Usage = Field(default_factory=Usage, description="LLM spend of the step.")
     workspace_files: list[str] = Field(
         default_factory=list, description="Files in the task's workspace after the step."
     )
-    worker: str = Field("", description="The executor replica that ran the step.")
-    attempt: int = Field(1, ge=1, description="Which dispatch of the step this answers.")
 
 
-class StepFailed(Event):
+class StepFailed(StepOutcome):
     event_type: ClassVar[str] = "step.failed"
     type: Literal["step.failed"] = "step.failed"
-    step_id: StepId
     error: str = Field(max_length=20_000, description="Why the step failed, for a person.")
-    usage: Usage = Field(default_factory=Usage, description="LLM spend of the step.")
-    worker: str = Field("", description="The executor replica that ran the step.")
-    attempt: int = Field(1, ge=1, description="Which dispatch of the step this answers.")
 
 
 class TaskCompleted(Event):
@@ -143,17 +144,13 @@ class TaskCancelled(Event):
     usage: Usage = Field(default_factory=Usage, description="Total LLM spend of the task.")
 
 
-class StepPaused(Event):
+class StepPaused(StepOutcome):
     """The step stopped because the task's budget ran out (or the task was paused); its
     conversation is checkpointed, and it resumes where it stopped after approval."""
 
     event_type: ClassVar[str] = "step.paused"
     type: Literal["step.paused"] = "step.paused"
-    step_id: StepId
     reason: str = Field(description="Why the step stopped.")
-    usage: Usage = Field(default_factory=Usage, description="LLM spend of this attempt.")
-    worker: str = Field("", description="The executor replica that ran the step.")
-    attempt: int = Field(1, ge=1, description="Which dispatch of the step this answers.")
 
 
 class LLMCalled(Event):

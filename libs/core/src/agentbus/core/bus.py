@@ -18,20 +18,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import nats.errors
 import structlog
-from faststream import AckPolicy
+from faststream import AckPolicy, Context
 from faststream.exceptions import NackMessage
 from faststream.middlewares import BaseMiddleware
-from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage, NatsRouter, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
@@ -55,7 +57,6 @@ from .settings import BusSettings
 
 if TYPE_CHECKING:
     from faststream import ContextRepo
-    from faststream.nats import NatsRouter
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
     from nats.js.api import PubAck
@@ -87,26 +88,26 @@ def instance_id() -> str:
 
 
 def stream_configs(settings: BusSettings) -> list[StreamConfig]:
-    day = 24 * 3600.0
+    """Both streams: on file, kept ``events_max_age_days``, de-duplicated by message id."""
+    kept = StreamConfig(
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=settings.events_max_age_days * 24 * 3600.0,
+        duplicate_window=settings.duplicate_window_s,
+    )
     return [
-        StreamConfig(
+        dataclasses.replace(
+            kept,
             name=subjects.EVENTS_STREAM,
             description="agentbus task lifecycle events",
             subjects=[subjects.EVENTS_SUBJECTS],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
             discard=DiscardPolicy.OLD,
-            max_age=settings.events_max_age_days * day,
-            duplicate_window=settings.duplicate_window_s,
         ),
-        StreamConfig(
+        dataclasses.replace(
+            kept,
             name=subjects.DLQ_STREAM,
             description="agentbus dead letters: events no handler could process, with reasons",
             subjects=[subjects.DLQ_SUBJECTS],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=settings.events_max_age_days * day,
-            duplicate_window=settings.duplicate_window_s,
         ),
     ]
 
@@ -346,6 +347,89 @@ def event_subscriber(
         max_workers=max_workers,
         description=(event_type.__doc__ or "").strip() or None,
     )
+
+
+E = TypeVar("E", bound=Event)
+
+
+def event_route(
+    router: NatsRouter,
+    event_type: type[E],
+    use_case: Callable[[Any, E], Awaitable[object]],
+    *,
+    uses: str,
+    durable: str,
+    settings: BusSettings,
+    max_workers: int = 1,
+) -> None:
+    """Route one event type from every task to a use case: ``use_case(target, event)``,
+    where ``target`` is what the service provided under the context key ``uses``
+    (``Service.provide``), on a durable consumer shared by all replicas (see
+    :func:`durable_subscriber`). The handler binds the event's step to the logs (the
+    task too, as the bus's middleware does) and keeps the message in progress while the
+    use case works, so a long one is not redelivered elsewhere."""
+    beat_s = settings.ack_wait_s / 3
+
+    async def handle(event: Event, msg: NatsMessage, target: Any) -> None:
+        with structlog.contextvars.bound_contextvars(**_ids_of(event)):
+            async with keep_in_progress(msg, every_s=beat_s):
+                await use_case(target, event)  # type: ignore[arg-type]  # FastStream parsed it as E
+
+    # FastStream parses the body and injects the arguments by the handler's annotations.
+    # The event type and the context key are only known here, so they are set per route
+    # (the route table of each service then reads as data, not as copies of a handler).
+    handle.__annotations__ = {
+        "event": event_type,
+        "msg": NatsMessage,
+        "target": Annotated[Any, Context(uses)],
+        "return": None,
+    }
+    handle.__name__ = handle.__qualname__ = f"on_{event_type.event_type.replace('.', '_')}"
+    event_subscriber(
+        router, event_type, durable=durable, settings=settings, max_workers=max_workers
+    )(handle)
+
+
+def request_route(
+    router: NatsRouter,
+    subject: str,
+    use_case: Callable[[Any, Any], Awaitable[Reply]],
+    *,
+    uses: str,
+    queue: str,
+    max_workers: int = 1,
+    description: str | None = None,
+) -> None:
+    """Serve request/reply on ``subject`` (one queue group: replicas split the load) with
+    ``use_case(target, request)``; ``target`` as in :func:`event_route`. The request and
+    reply types are the use case's own annotations. The handler binds the request's task
+    to the logs. A request that does not parse gets an error reply from the dead-letter
+    middleware, never silence."""
+    hints = typing.get_type_hints(use_case)
+    request_type = next(t for name, t in hints.items() if name not in {"self", "return"})
+
+    async def handle(request: BaseModel, target: Any) -> Reply:
+        with structlog.contextvars.bound_contextvars(**_ids_of(request)):
+            return await use_case(target, request)
+
+    handle.__annotations__ = {  # as in event_route: the types are known per route only
+        "request": request_type,
+        "target": Annotated[Any, Context(uses)],
+        "return": hints["return"],
+    }
+    handle.__name__ = handle.__qualname__ = use_case.__name__
+    router.subscriber(subject, queue=queue, max_workers=max_workers, description=description)(
+        handle
+    )
+
+
+def _ids_of(message: BaseModel) -> dict[str, str]:
+    """The task and step a message is about, for the logs."""
+    ids = {"task_id": getattr(message, "task_id", None)}
+    ids["step_id"] = getattr(message, "step_id", None) or getattr(
+        getattr(message, "step", None), "id", None
+    )
+    return {k: v for k, v in ids.items() if isinstance(v, str) and v}
 
 
 async def publish_event(broker: NatsBroker, event: Event, *, timeout: float = 10.0) -> PubAck:

@@ -44,6 +44,7 @@ class Service:
     readiness: list[Callable[[], Awaitable[bool]]] = field(default_factory=list)
     routes: list[NatsRouter] = field(default_factory=list)
     fault: str | None = None
+    started: bool = False  # the start-up hooks have run and the routes are subscribed
 
     @classmethod
     def create(
@@ -109,7 +110,9 @@ class Service:
         )
 
     async def ready(self) -> bool:
-        if self.fault is not None:
+        """Ready: started without a fault, and every readiness check of the service
+        passes (the broker's connection is checked by /readyz itself)."""
+        if self.fault is not None or not self.started:
             return False
         results = [await check() for check in self.readiness]
         return all(results)
@@ -135,6 +138,7 @@ class Service:
         async def subscribe() -> None:
             if self.fault is None:
                 self.include_routes()
+                self.started = True
 
         async def flush_traces() -> None:
             await asyncio.to_thread(self.tracer_provider.shutdown)
@@ -157,6 +161,14 @@ class Service:
 
 
 S = TypeVar("S", bound=CommonSettings)
+
+
+def for_docs(app: FastStream) -> FastStream:
+    """The app with its routes subscribed without starting it, for the AsyncAPI document
+    (``faststream docs gen --factory agentbus.<service>.main:asyncapi_app``)."""
+    service: Service = app.context.get("agentbus_service")
+    service.include_routes()
+    return app
 
 
 class _ConsumerLag:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from faststream import FastStream
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from agentbus.core.budget import BudgetLedger
-from agentbus.core.bus import jetstream
-from agentbus.core.service import Service, run
+from agentbus.core.bus import BusPublisher, instance_id, jetstream
+from agentbus.core.service import Service, for_docs, run
 from agentbus.core.settings import CommonSettings, LLMSettings
 
+from . import routes
 from .adapters.checkpoints import CheckpointStore
-from .handlers import ExecutorDeps, register
+from .adapters.tools import BusStepTools
+from .usecases import Executor
 
 
 class Settings(CommonSettings):
@@ -35,29 +40,40 @@ class Settings(CommonSettings):
 
 def create_app(settings: Settings, tracer_provider: TracerProvider | None = None) -> FastStream:
     service = Service.create("executor", settings, tracer_provider=tracer_provider)
-    deps = ExecutorDeps(
-        broker=service.broker,
-        bus=settings.bus,
-        llm_settings=settings.llm,
-        max_iterations=settings.max_iterations,
-        concurrency=settings.concurrency,
-        use_memory=settings.use_memory,
-        sandbox_cpus=settings.sandbox_cpus,
-        tracer_provider=service.tracer_provider,
-    )
-    register(deps)
+    service.serve(routes.build_router(settings.bus, concurrency=settings.concurrency))
+    opened = contextlib.AsyncExitStack()
 
     async def open_adapters() -> None:
         js = jetstream(service.broker)
-        deps.ledger = await BudgetLedger.open(js)
-        deps.checkpoints = await CheckpointStore.open(js)
-        deps.llm = await service.llm_provider(settings.llm, "executor", deps.ledger)
+        ledger = await BudgetLedger.open(js)
+        checkpoints = await CheckpointStore.open(js)
+        llm = await service.llm_provider(settings.llm, "executor", ledger)
+        opened.push_async_callback(llm.aclose)
+        publisher = BusPublisher(service.broker)
+        tracer = trace.get_tracer("agentbus.executor", tracer_provider=service.tracer_provider)
+        executor = Executor(
+            llm=llm,
+            ledger=ledger,
+            checkpoints=checkpoints,
+            publisher=publisher,
+            tools=BusStepTools(
+                service.broker,
+                settings.bus.rpc_timeout_s,
+                tracer=tracer,
+                ledger=ledger,
+                publisher=publisher,
+                cpus=settings.sandbox_cpus,
+            ),
+            tracer=tracer,
+            worker=instance_id(),
+            model=settings.llm.model_for("executor"),
+            max_iterations=settings.max_iterations,
+            max_tokens=settings.llm.max_tokens,
+            use_memory=settings.use_memory,
+        )
+        service.provide(routes.USES, executor)
 
-    async def close_adapters() -> None:
-        if deps.llm is not None:
-            await deps.llm.aclose()
-
-    return service.app(on_startup=[open_adapters], after_shutdown=[close_adapters])
+    return service.app(on_startup=[open_adapters], after_shutdown=[opened.aclose])
 
 
 def main() -> None:
@@ -66,4 +82,4 @@ def main() -> None:
 
 def asyncapi_app() -> FastStream:
     """Zero-argument factory for `faststream docs gen --factory` (`make asyncapi`)."""
-    return create_app(Settings())
+    return for_docs(create_app(Settings()))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Self
 
 import structlog
 from faststream import FastStream
-from faststream.nats import NatsRouter
 from opentelemetry import trace
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
@@ -17,15 +18,17 @@ from pydantic_settings import SettingsConfigDict
 
 from agentbus.contracts import subjects
 from agentbus.core.bus import DeadLetterPolicy
-from agentbus.core.service import Service, run
+from agentbus.core.service import Service, for_docs, run
 from agentbus.core.settings import CommonSettings
 
+from . import routes
 from .adapters.db import Database
+from .adapters.deliveries import JetStreamDeadLetters
 from .adapters.dsn import describe_dsn
 from .adapters.embeddings import Embedder, LocalEmbedder, OpenAIEmbedder
 from .adapters.vector_check import VectorExtensionBroken
-from .handlers import MemoryDeps, register
 from .semantic import SemanticMemory
+from .usecases import EventRecorder, MemoryUseCases, SemanticQueries, TaskQueries
 
 log = structlog.get_logger(__name__)
 
@@ -137,6 +140,14 @@ class Settings(CommonSettings):
         return url
 
 
+@dataclass(eq=False)
+class _Running:
+    """What the start-up hook opened: readiness asks it, shutdown stops and closes it."""
+
+    uses: MemoryUseCases | None = None
+    closing: AsyncExitStack = field(default_factory=AsyncExitStack)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -148,29 +159,21 @@ def create_app(
     ``embedder`` replaces the configured model (tests pass one to count its calls).
     """
     service = Service.create("memory", settings, tracer_provider=tracer_provider)
-    dead_letters = DeadLetterPolicy("memory", settings.bus)
-    dead_letters.attach(service.broker)
-    deps = MemoryDeps(
-        bus=settings.bus,
-        dead_letters=dead_letters,
-        events_durable=settings.events_durable,
-        batch_size=settings.event_batch_size,
-        batch_wait_s=settings.event_batch_wait_s,
-        outage_backoff_s=settings.outage_backoff_s,
-        outage_backoff_max_s=settings.outage_backoff_max_s,
-    )
-    deps.tracer = trace.get_tracer("agentbus.memory", tracer_provider=service.tracer_provider)
-    deps.search_seconds = Histogram(
+    service.serve(routes.build_router(settings))
+    search_seconds = Histogram(
         "agentbus_memory_search_seconds",
         "Semantic memory search latency (embedding the query included).",
         ("outcome",),
         registry=service.metrics,
         buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
     )
-    routes = NatsRouter()
-    register(routes, deps)
-    service.serve(routes)
-    service.readiness.append(deps.ready)
+    running = _Running()
+
+    async def database_answers() -> bool:
+        """Readiness: the database answers ``SELECT 1`` (not open yet: not ready)."""
+        return running.uses is not None and await running.uses.tasks.ready()
+
+    service.readiness.append(database_answers)
 
     async def open_database() -> None:
         # A span per SQL statement, below the handler's span (OpenTelemetry's own
@@ -180,7 +183,7 @@ def create_app(
             instrumentor.instrument(tracer_provider=service.tracer_provider)
         dsn = settings.require_database_url()
         try:
-            deps.db = await Database.open(
+            db = await Database.open(
                 dsn,
                 min_size=settings.pool_min_size,
                 max_size=settings.pool_max_size,
@@ -195,30 +198,51 @@ def create_app(
             )
             service.fail(str(exc))
             return
+        running.closing.push_async_callback(db.close)
         log.info("database open", database=describe_dsn(dsn))
         # Loaded before subscribers start: a model that does not match the stored
         # embeddings stops the service here, with the reason, not at the first search.
         semantic = SemanticMemory(
-            deps.db,
+            db,
             embedder or settings.embedder(),
             max_chars=settings.max_text_chars,
             ef_search=settings.search_ef,
         )
+        running.closing.push_async_callback(semantic.embedder.close)
         await semantic.start(
             hnsw_m=settings.hnsw_m, hnsw_ef_construction=settings.hnsw_ef_construction
         )
-        deps.semantic = semantic
+        dead_letters = DeadLetterPolicy("memory", settings.bus)
+        dead_letters.attach(service.broker)
+        uses = MemoryUseCases(
+            recorder=EventRecorder(
+                events=db,
+                dead_letters=JetStreamDeadLetters(dead_letters),
+                max_deliver=settings.bus.max_deliver,
+                ack_wait_s=settings.bus.ack_wait_s,
+                outage_backoff_s=settings.outage_backoff_s,
+                outage_backoff_max_s=settings.outage_backoff_max_s,
+            ),
+            tasks=TaskQueries(db),
+            semantic=SemanticQueries(
+                index=semantic,
+                tracer=trace.get_tracer("agentbus.memory", tracer_provider=service.tracer_provider),
+                search_seconds=search_seconds,
+            ),
+        )
+        service.provide(routes.RECORDER, uses.recorder)
+        service.provide(routes.TASKS, uses.tasks)
+        service.provide(routes.SEMANTIC, uses.semantic)
+        running.uses = uses
 
     async def stop_waiting() -> None:
-        deps.stopping.set()
+        if running.uses is not None:
+            running.uses.recorder.stop()
 
     async def close_database() -> None:
-        semantic, deps.semantic = deps.semantic, None
-        if semantic is not None:
-            await semantic.embedder.close()
-        db, deps.db = deps.db, None
-        if db is not None:
-            await db.close()
+        # The model first, then the database (the reverse of opening).
+        running.uses = None
+        await running.closing.aclose()
 
     return service.app(
         on_startup=[open_database], on_shutdown=[stop_waiting], after_shutdown=[close_database]
@@ -236,6 +260,4 @@ def main() -> None:
 
 def asyncapi_app() -> FastStream:
     """Zero-argument factory for `faststream docs gen --factory` (`make asyncapi`)."""
-    app = create_app(Settings())
-    app.context.get("agentbus_service").include_routes()
-    return app
+    return for_docs(create_app(Settings()))

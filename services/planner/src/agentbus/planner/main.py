@@ -11,7 +11,7 @@ from pydantic_settings import SettingsConfigDict
 
 from agentbus.core.budget import BudgetLedger
 from agentbus.core.bus import BusPublisher, jetstream
-from agentbus.core.service import Service, run
+from agentbus.core.service import Service, for_docs, run
 from agentbus.core.settings import CommonSettings, LLMSettings
 
 from .adapters.state import TaskStore
@@ -67,4 +67,4 @@ def main() -> None:
 
 def asyncapi_app() -> FastStream:
     """Zero-argument factory for `faststream docs gen --factory` (`make asyncapi`)."""
-    return create_app(Settings())
+    return for_docs(create_app(Settings()))

@@ -291,16 +291,13 @@ class Planner:
         )
         log.info("planned", steps=len(plan.steps) if plan else 0, error=error or None)
 
-        def apply(current: TaskState | None) -> TaskState | None:
-            if current is None or current.phase is not TaskStatus.PLANNING:
-                return None
+        def apply(current: TaskState) -> None:
             if plan is None:
                 current.fail(f"planning failed: {error}", usage)
             else:
                 current.start(plan, usage)
-            return current
 
-        return await self.states.mutate(state.task_id, apply)
+        return await self._while_in(TaskStatus.PLANNING, state.task_id, apply)
 
     async def _replan(self, state: TaskState) -> TaskState | None:
         """Ask for a new plan for the rest of the work after a step failed."""
@@ -314,18 +311,16 @@ class Planner:
             state.task_id,
         )
 
-        def apply(current: TaskState | None) -> TaskState | None:
-            if current is None or current.phase is not TaskStatus.REPLANNING:
-                return None
+        def apply(current: TaskState) -> bool:
             if current.revision != revision:
-                return None  # another replica re-planned first
+                return False  # another replica re-planned first
             if steps is None:
                 current.fail(f"{'; '.join(current.failures)}; re-planning failed: {error}", usage)
             else:
                 current.replan(steps, usage)
-            return current
+            return True
 
-        return await self.states.mutate(state.task_id, apply)
+        return await self._while_in(TaskStatus.REPLANNING, state.task_id, apply)
 
     async def _finish(self, state: TaskState) -> TaskState | None:
         """Write the final answer once every step is done. A refused budget raises: the
@@ -335,22 +330,27 @@ class Planner:
             answer, usage = await self._ask("planner/answer", messages, state.task_id)
         except LLMError as exc:
             reason = f"writing the final answer failed: the LLM call failed: {exc}"
+            return await self._while_in(
+                TaskStatus.FINISHING, state.task_id, lambda s: s.fail(reason)
+            )
+        final = answer.strip()
+        return await self._while_in(
+            TaskStatus.FINISHING, state.task_id, lambda s: s.complete(final, usage)
+        )
 
-            def fail(current: TaskState | None) -> TaskState | None:
-                if current is None or current.phase is not TaskStatus.FINISHING:
-                    return None
-                current.fail(reason)
-                return current
+    async def _while_in(
+        self, phase: TaskStatus, task_id: str, change: Callable[[TaskState], bool | None]
+    ) -> TaskState | None:
+        """Apply the result of a phase's LLM work if the task is still in that phase
+        (another replica, or an event meanwhile, may have moved it on); ``change``
+        returns False to leave it as it is."""
 
-            return await self.states.mutate(state.task_id, fail)
-
-        def complete(current: TaskState | None) -> TaskState | None:
-            if current is None or current.phase is not TaskStatus.FINISHING:
+        def apply(current: TaskState | None) -> TaskState | None:
+            if current is None or current.phase is not phase or change(current) is False:
                 return None
-            current.complete(answer.strip(), usage)
             return current
 
-        return await self.states.mutate(state.task_id, complete)
+        return await self.states.mutate(task_id, apply)
 
 
 _WORK: dict[TaskStatus, Work] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from pydantic_settings import SettingsConfigDict
 
 from agentbus.contracts import HealthReply, HealthRequest, subjects
 from agentbus.core.bus import RpcError, rpc
-from agentbus.core.service import Service, run
+from agentbus.core.service import Service, for_docs, run
 from agentbus.core.settings import CommonSettings
 
+from . import routes
 from .adapters.docker import DockerSandbox
+from .adapters.metrics import SandboxMetrics
 from .domain import SandboxConfig
-from .handlers import SandboxDeps, SandboxMetrics, register
+from .usecases import SandboxRequests
 
 log = structlog.get_logger(__name__)
 
@@ -120,18 +123,16 @@ async def _other_replicas_running(broker: NatsBroker) -> bool:
 
 def create_app(settings: Settings, tracer_provider: TracerProvider | None = None) -> FastStream:
     service = Service.create("sandbox", settings, tracer_provider=tracer_provider)
-    deps = SandboxDeps(broker=service.broker, bus=settings.bus, concurrency=settings.concurrency)
-    deps.tracer = trace.get_tracer("agentbus.sandbox", tracer_provider=service.tracer_provider)
-    deps.metrics = SandboxMetrics(
-        service.metrics, lambda: deps.sandbox.pool_available if deps.sandbox else 0
-    )
-    register(deps)
-    service.readiness.append(deps.ping)
+    service.serve(routes.build_router(settings.bus, concurrency=settings.concurrency))
+    tracer = trace.get_tracer("agentbus.sandbox", tracer_provider=service.tracer_provider)
+    metrics = SandboxMetrics(service.metrics)
+    opened = contextlib.AsyncExitStack()
 
     async def open_sandbox() -> None:
         # Raises SandboxUnavailable (engine down, image missing): start-up fails with
         # what to do. There is no unsandboxed fallback.
         sandbox = await DockerSandbox.open(settings.sandbox_config(), settings.docker_url)
+        opened.push_async_callback(sandbox.close)
         # Containers of this workspace root left by earlier runs: all of them when no
         # other replica is alive, else only stopped ones (running ones may be in use).
         others = await _other_replicas_running(service.broker)
@@ -139,12 +140,15 @@ def create_app(settings: Settings, tracer_provider: TracerProvider | None = None
         if removed:
             log.info("removed leftover sandboxes", count=removed, only_stopped=others)
         sandbox.start()  # pool refill and idle reaper, after the clean-up above
-        deps.sandbox = sandbox
+        metrics.watch_pool(lambda: sandbox.pool_available)
+        uses = SandboxRequests(sandbox=sandbox, tracer=tracer, metrics=metrics)
+        # Ready: the Docker engine answers. The routes are subscribed only after this
+        # hook, so no request meets a sandbox that is not open yet.
+        service.readiness.append(uses.ready)
+        service.provide(routes.USES, uses)
 
     async def close_sandbox() -> None:
-        sandbox, deps.sandbox = deps.sandbox, None
-        if sandbox is not None:
-            await sandbox.close()
+        await opened.aclose()
 
     return service.app(on_startup=[open_sandbox], after_shutdown=[close_sandbox])
 
@@ -155,4 +159,4 @@ def main() -> None:
 
 def asyncapi_app() -> FastStream:
     """Zero-argument factory for `faststream docs gen --factory` (`make asyncapi`)."""
-    return create_app(Settings())
+    return for_docs(create_app(Settings()))

@@ -6,24 +6,19 @@ from __future__ import annotations
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, Field
 
 from agentbus.contracts import subjects
 from agentbus.core.kv import open_bucket
-from agentbus.core.llm import Message
+
+from ..ports import StepCheckpoint
 
 _KEEP_S = 7 * 24 * 3600.0  # longer than any approval wait
 
 
-class StepCheckpoint(BaseModel):
-    conversation: str = Field(description="The dialogue's key (replay and traces use it).")
-    messages: list[Message] = Field(description="The dialogue up to the refused call.")
-    touched_workspace: bool = False
-
-
 class CheckpointStore:
-    """One writer per step at a time (the executor running it), so plain puts: no
-    compare-and-set, and nothing cached."""
+    """The :class:`~agentbus.executor.ports.Checkpoints` port on a KV bucket. One writer
+    per step at a time (the executor running it), so plain puts: no compare-and-set, and
+    nothing cached."""
 
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from faststream.nats import NatsBroker
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode, Tracer
+from pydantic import BaseModel
 
 from agentbus.contracts import (
     ExecOutcome,
@@ -27,6 +29,12 @@ from agentbus.core.budget import BudgetLedger, Publish, Spend
 from agentbus.core.bus import RpcError, rpc
 
 from ..domain import ExecResult
+
+R = TypeVar("R", bound=Reply)
+
+
+def _unanswered(exc: RpcError) -> ExecResult:
+    return ExecResult(False, f"error: the sandbox did not answer: {exc}")
 
 
 def _failed(reply: Reply) -> ExecResult:
@@ -95,66 +103,50 @@ class SandboxWorkspace:
             task_id=self.task_id, language=Language(language), code=code, timeout_s=timeout_s
         )
         try:
-            reply = await rpc(
-                self.broker,
-                subjects.SANDBOX_EXEC,
-                request,
-                SandboxExecReply,
-                timeout=timeout_s + self.rpc_timeout_s + 20,  # container start + run + margin
-            )
+            reply = await self._call(subjects.SANDBOX_EXEC, request, SandboxExecReply, timeout_s)
         except RpcError as exc:
-            return ExecResult(False, f"error: the sandbox did not answer: {exc}"), None
+            return _unanswered(exc), None
         return (format_exec(reply) if reply.ok else _failed(reply)), reply
+
+    async def _call(
+        self, subject: str, request: BaseModel, reply_type: type[R], run_s: float = 0.0
+    ) -> R:
+        """One request to the sandbox service: its bound is the run's time limit, plus
+        the time a container may take to start, plus a margin."""
+        return await rpc(
+            self.broker, subject, request, reply_type, timeout=run_s + self.rpc_timeout_s + 20
+        )
+
+    async def _answer(
+        self, subject: str, request: BaseModel, reply_type: type[R]
+    ) -> R | ExecResult:
+        """The sandbox's reply, or what to tell the model when there is none to use."""
+        try:
+            reply = await self._call(subject, request, reply_type)
+        except RpcError as exc:
+            return _unanswered(exc)
+        return reply if reply.ok else _failed(reply)
 
     async def write_file(self, path: str, content: str) -> ExecResult:
         request = SandboxWriteFileRequest(task_id=self.task_id, path=path, content=content)
-        try:
-            reply = await rpc(
-                self.broker,
-                subjects.SANDBOX_WRITE_FILE,
-                request,
-                SandboxWriteFileReply,
-                timeout=self.rpc_timeout_s + 20,
-            )
-        except RpcError as exc:
-            return ExecResult(False, f"error: the sandbox did not answer: {exc}")
-        if not reply.ok:
-            return _failed(reply)
+        reply = await self._answer(subjects.SANDBOX_WRITE_FILE, request, SandboxWriteFileReply)
+        if isinstance(reply, ExecResult):
+            return reply
         return ExecResult(True, f"wrote {reply.size} bytes to {reply.path}")
 
     async def read_file(self, path: str) -> ExecResult:
         request = SandboxReadFileRequest(task_id=self.task_id, path=path)
-        try:
-            reply = await rpc(
-                self.broker,
-                subjects.SANDBOX_READ_FILE,
-                request,
-                SandboxReadFileReply,
-                timeout=self.rpc_timeout_s + 20,
-            )
-        except RpcError as exc:
-            return ExecResult(False, f"error: the sandbox did not answer: {exc}")
-        if not reply.ok:
-            return _failed(reply)
+        reply = await self._answer(subjects.SANDBOX_READ_FILE, request, SandboxReadFileReply)
+        if isinstance(reply, ExecResult):
+            return reply
         note = f"\n[file is {reply.size} bytes; only the start is shown]" if reply.truncated else ""
         return ExecResult(True, reply.content + note)
 
-    async def _list(self) -> SandboxListFilesReply:
-        return await rpc(
-            self.broker,
-            subjects.SANDBOX_LIST_FILES,
-            SandboxListFilesRequest(task_id=self.task_id),
-            SandboxListFilesReply,
-            timeout=self.rpc_timeout_s + 20,
-        )
-
     async def list_files(self) -> ExecResult:
-        try:
-            reply = await self._list()
-        except RpcError as exc:
-            return ExecResult(False, f"error: the sandbox did not answer: {exc}")
-        if not reply.ok:
-            return _failed(reply)
+        request = SandboxListFilesRequest(task_id=self.task_id)
+        reply = await self._answer(subjects.SANDBOX_LIST_FILES, request, SandboxListFilesReply)
+        if isinstance(reply, ExecResult):
+            return reply
         if not reply.files:
             return ExecResult(True, "the workspace is empty")
         listing = "\n".join(f"{f.path}\t{f.size} bytes" for f in reply.files)
@@ -163,5 +155,6 @@ class SandboxWorkspace:
         return ExecResult(True, listing)
 
     async def file_names(self) -> list[str]:
-        reply = await self._list()
+        request = SandboxListFilesRequest(task_id=self.task_id)
+        reply = await self._call(subjects.SANDBOX_LIST_FILES, request, SandboxListFilesReply)
         return [f.path for f in reply.files] if reply.ok else []

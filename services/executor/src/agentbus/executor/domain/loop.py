@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from agentbus.contracts import PlanStep, ToolOutcome, Usage, describe_validation
-from agentbus.core.llm import ChatRequest, LLMError, LLMProvider, Message, ToolCall
 from agentbus.core.budget import BudgetRefused
+from agentbus.core.llm import ChatRequest, LLMError, LLMProvider, Message, ToolCall
 
 from .tools import (
     TOOLS,

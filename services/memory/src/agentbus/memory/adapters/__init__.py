@@ -1,1 +1,1 @@
-"""Adapters: the one place that touches asyncpg."""
+"""Adapters: the one place that touches asyncpg, httpx and nats-py's messages."""

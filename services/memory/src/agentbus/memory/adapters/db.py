@@ -41,6 +41,7 @@ from agentbus.contracts import (
 
 from .. import domain
 from ..domain import EventRecord, TaskProjection
+from ..ports import DatabaseUnavailable
 from .dsn import describe_dsn
 from .vector_check import check_vector_extension
 
@@ -72,10 +73,6 @@ _OUTAGE: Final = (
 )
 
 _MIGRATION_FILE = re.compile(r"(\d{4})_(\w+)\.sql")
-
-
-class DatabaseUnavailable(Exception):
-    """The database could not be reached or could not answer; the message says why."""
 
 
 class EmbeddingSpaceMismatch(RuntimeError):

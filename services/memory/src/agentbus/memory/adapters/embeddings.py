@@ -22,19 +22,13 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from ..ports import EmbeddingError, TextTooLong
+
 log = structlog.get_logger(__name__)
 
 Vector = npt.NDArray[np.float32]
 
 LOCAL_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-class EmbeddingError(Exception):
-    """The embedding model could not embed; the message says why."""
-
-
-class TextTooLong(ValueError):
-    """A text is longer than the model reads; the message gives its size and the limit."""
 
 
 class Embedder(Protocol):
