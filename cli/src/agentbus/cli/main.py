@@ -33,9 +33,9 @@ from agentbus.contracts import (
     utcnow,
 )
 from agentbus.core import semconv
-from agentbus.core.bus import RpcError
 from agentbus.core.llm import NOT_CONFIGURED_HINT, LLMError, build_transcript
 from agentbus.core.llm.replay import load_transcripts
+from agentbus.core.ports import RpcError
 from agentbus.core.settings import LLMSettings, TelemetrySettings
 from agentbus.core.tracing import build_tracer_provider
 

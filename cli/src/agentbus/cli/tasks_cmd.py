@@ -23,7 +23,8 @@ from agentbus.contracts import (
     TaskStatus,
     subjects,
 )
-from agentbus.core.bus import RpcError, rpc
+from agentbus.core.bus import rpc
+from agentbus.core.ports import RpcError
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

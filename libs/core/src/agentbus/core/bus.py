@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import socket
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -53,6 +52,8 @@ from agentbus.contracts import (
 
 from . import semconv
 from ._nats_fixes import apply_nats_fixes
+from .ports import RpcError
+from .progress import keep_in_progress
 from .settings import BusSettings
 
 if TYPE_CHECKING:
@@ -74,10 +75,6 @@ _MAX_DLQ_PAYLOAD = 512 * 1024
 
 class PoisonMessage(Exception):
     """Raised by a handler for input that can never be handled: dead-letter it at once."""
-
-
-class RpcError(Exception):
-    """A request/reply call got no usable answer (nobody listening, timeout, bad reply)."""
 
 
 def instance_id() -> str:
@@ -267,11 +264,9 @@ class _TaskContextMiddleware(BaseMiddleware):
 
 
 def jetstream(broker: NatsBroker) -> JetStreamContext:
-    """The JetStream context of a connected broker. FastStream 0.7 has no public
-    accessor for it (only ``broker.config.connection_state``): this is the one place
-    that reaches in."""
-    js: JetStreamContext = broker.config.connection_state.stream
-    return js
+    """A JetStream context on a connected broker's connection (``broker.connection``,
+    FastStream's public accessor; a context is a thin wrapper over it)."""
+    return broker.connection.jetstream()
 
 
 def create_broker(
@@ -496,24 +491,3 @@ def add_health_responder(
             result = check()
             ok = bool(await result) if asyncio.iscoroutine(result) else bool(result)
         return HealthReply(service=service, instance=me, status="ok" if ok else "degraded")
-
-
-@contextlib.asynccontextmanager
-async def keep_in_progress(*messages: Any, every_s: float) -> AsyncIterator[None]:
-    """Tell JetStream long handlers are still working on these messages (FastStream or
-    nats-py messages: both have ``in_progress``), so they are not redelivered."""
-
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            for message in messages:
-                with contextlib.suppress(Exception):  # a missed beat only risks a redelivery
-                    await message.in_progress()
-
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

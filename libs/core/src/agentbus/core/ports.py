@@ -8,6 +8,10 @@ from typing import Protocol
 from agentbus.contracts import Event
 
 
+class RpcError(Exception):
+    """A request/reply call got no usable answer (nobody listening, timeout, bad reply)."""
+
+
 class Publisher(Protocol):
     """Publishes lifecycle events: durably, de-duplicated by ``event_id``."""
 

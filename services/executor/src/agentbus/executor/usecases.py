@@ -20,7 +20,7 @@ from agentbus.contracts import (
 )
 from agentbus.core import semconv
 from agentbus.core.budget import LedgerStatus
-from agentbus.core.bus import RpcError
+from agentbus.core.ports import RpcError
 
 from .domain import StepResult, StepRunner, ToolEvent
 from .ports import Checkpoints, LedgerReader, LLMProvider, Publisher, StepCheckpoint, StepTools

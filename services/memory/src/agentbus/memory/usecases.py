@@ -44,7 +44,7 @@ from agentbus.contracts import (
     TaskListRequest,
 )
 from agentbus.core import semconv
-from agentbus.core.bus import keep_in_progress
+from agentbus.core.progress import keep_in_progress
 
 from . import domain
 from .ports import (

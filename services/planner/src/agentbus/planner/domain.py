@@ -157,19 +157,23 @@ class TaskState(BaseModel):
         if self.phase is not TaskStatus.PLANNING:
             return
         self.phase = TaskStatus.RUNNING
-        self.revision += 1
         self.steps = {s.id: StepState(step=s) for s in plan.steps}
+        self._planned(usage)
+        self._dispatch_ready()
+
+    def _planned(self, usage: Usage) -> None:
+        """A new revision of the plan (its steps are ``self.steps``), with what it cost."""
+        self.revision += 1
         self.usage = self.usage + usage
         self._emit(
             PlanCreated(
                 event_id=derived_event_id(self.task_id, "plan", self.revision),
                 task_id=self.task_id,
-                steps=plan.steps,
+                steps=[s.step for s in self.steps.values()],
                 revision=self.revision,
                 usage=usage,
             )
         )
-        self._dispatch_ready()
 
     def _dispatch_ready(self) -> None:
         if self.phase is not TaskStatus.RUNNING:
@@ -189,13 +193,23 @@ class TaskState(BaseModel):
                 )
             )
 
-    def step_completed(self, event: StepCompleted) -> None:
+    def _step_ended(
+        self, event: StepCompleted | StepFailed, status: StepStatus
+    ) -> StepState | None:
+        """The step an outcome ends, now ``status``, its spend counted; None when the task
+        is over or the step had completed already (a late or repeated outcome)."""
         state = self.steps.get(event.step_id)
         if self.terminal or state is None or state.status is StepStatus.COMPLETED:
-            return
-        state.status = StepStatus.COMPLETED
-        state.output = event.output
+            return None
+        state.status = status
         self.usage = self.usage + event.usage
+        return state
+
+    def step_completed(self, event: StepCompleted) -> None:
+        state = self._step_ended(event, StepStatus.COMPLETED)
+        if state is None:
+            return
+        state.output = event.output
         if event.workspace_files:
             self.workspace_files = sorted(set(self.workspace_files) | set(event.workspace_files))
         self._go_on()
@@ -211,12 +225,10 @@ class TaskState(BaseModel):
             self._dispatch_ready()
 
     def step_failed(self, event: StepFailed) -> None:
-        state = self.steps.get(event.step_id)
-        if self.terminal or state is None or state.status is StepStatus.COMPLETED:
+        state = self._step_ended(event, StepStatus.FAILED)
+        if state is None:
             return
-        state.status = StepStatus.FAILED
         state.error = event.error
-        self.usage = self.usage + event.usage
         failure = f"step {event.step_id} ({state.step.title}) failed: {event.error}"
         self.failures.append(failure)
         waiting = self.phase is TaskStatus.AWAITING_APPROVAL
@@ -329,18 +341,8 @@ class TaskState(BaseModel):
         self.retired_ids = sorted(set(self.retired_ids) | (set(self.steps) - set(kept)))
         self.steps = {**kept, **{s.id: StepState(step=s) for s in new_steps}}
         self.replans += 1
-        self.revision += 1
-        self.usage = self.usage + usage
         self.phase = TaskStatus.RUNNING
-        self._emit(
-            PlanCreated(
-                event_id=derived_event_id(self.task_id, "plan", self.revision),
-                task_id=self.task_id,
-                steps=[s.step for s in self.steps.values()],
-                revision=self.revision,
-                usage=usage,
-            )
-        )
+        self._planned(usage)
         if self.all_done():
             self.phase = TaskStatus.FINISHING
         else:

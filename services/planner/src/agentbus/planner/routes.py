@@ -10,17 +10,8 @@ from typing import Any
 
 from faststream.nats import NatsRouter
 
-from agentbus.contracts import (
-    BudgetExhausted,
-    Event,
-    StepCompleted,
-    StepFailed,
-    StepPaused,
-    TaskApproved,
-    TaskCancelRequested,
-    TaskSubmitted,
-    subjects,
-)
+from agentbus import contracts
+from agentbus.contracts import Event, subjects
 from agentbus.core.bus import event_route
 from agentbus.core.settings import BusSettings
 
@@ -29,13 +20,13 @@ from .usecases import Planner
 USES = "agentbus_planner"  # the context key main.py provides the Planner under
 
 ROUTES: tuple[tuple[type[Event], Callable[[Planner, Any], Awaitable[None]]], ...] = (
-    (TaskSubmitted, Planner.submitted),
-    (StepCompleted, Planner.step_completed),
-    (StepFailed, Planner.step_failed),
-    (StepPaused, Planner.step_paused),
-    (BudgetExhausted, Planner.budget_exhausted),
-    (TaskApproved, Planner.approved),
-    (TaskCancelRequested, Planner.cancel_requested),
+    (contracts.TaskSubmitted, Planner.submitted),
+    (contracts.StepCompleted, Planner.step_completed),
+    (contracts.StepFailed, Planner.step_failed),
+    (contracts.StepPaused, Planner.step_paused),
+    (contracts.BudgetExhausted, Planner.budget_exhausted),
+    (contracts.TaskApproved, Planner.approved),
+    (contracts.TaskCancelRequested, Planner.cancel_requested),
 )
 
 

@@ -15,7 +15,8 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from agentbus.contracts import HealthReply, HealthRequest, subjects
-from agentbus.core.bus import RpcError, rpc
+from agentbus.core.bus import rpc
+from agentbus.core.ports import RpcError
 from agentbus.core.service import Service, for_docs, run
 from agentbus.core.settings import CommonSettings
 

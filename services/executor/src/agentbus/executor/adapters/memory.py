@@ -14,7 +14,8 @@ from agentbus.contracts import (
     MemorySearchRequest,
     subjects,
 )
-from agentbus.core.bus import RpcError, rpc
+from agentbus.core.bus import rpc
+from agentbus.core.ports import RpcError
 
 from ..domain import ExecResult
 

@@ -10,23 +10,12 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode, Tracer
 from pydantic import BaseModel
 
-from agentbus.contracts import (
-    ExecOutcome,
-    Language,
-    Reply,
-    SandboxExecReply,
-    SandboxExecRequest,
-    SandboxListFilesReply,
-    SandboxListFilesRequest,
-    SandboxReadFileReply,
-    SandboxReadFileRequest,
-    SandboxWriteFileReply,
-    SandboxWriteFileRequest,
-    subjects,
-)
+from agentbus import contracts
+from agentbus.contracts import ExecOutcome, Language, Reply, subjects
 from agentbus.core import semconv
 from agentbus.core.budget import BudgetLedger, Publish, Spend
-from agentbus.core.bus import RpcError, rpc
+from agentbus.core.bus import rpc
+from agentbus.core.ports import RpcError
 
 from ..domain import ExecResult
 
@@ -41,7 +30,7 @@ def _failed(reply: Reply) -> ExecResult:
     return ExecResult(False, f"error: {reply.error or 'the sandbox refused the request'}")
 
 
-def format_exec(reply: SandboxExecReply) -> ExecResult:
+def format_exec(reply: contracts.SandboxExecReply) -> ExecResult:
     parts = [f"exit code: {reply.exit_code}", f"outcome: {reply.outcome.value}"]
     if reply.outcome is ExecOutcome.TIMEOUT:
         parts.append("the run was killed at its time limit")
@@ -82,7 +71,7 @@ class SandboxWorkspace:
 
     async def _traced_run(
         self, language: str, code: str, timeout_s: float
-    ) -> tuple[ExecResult, SandboxExecReply | None]:
+    ) -> tuple[ExecResult, contracts.SandboxExecReply | None]:
         with self.tracer.start_as_current_span(
             semconv.SPAN_SANDBOX_EXEC,
             attributes={semconv.TASK_ID: self.task_id, semconv.SANDBOX_LANGUAGE: language},
@@ -98,12 +87,14 @@ class SandboxWorkspace:
 
     async def _run(
         self, language: str, code: str, timeout_s: float
-    ) -> tuple[ExecResult, SandboxExecReply | None]:
-        request = SandboxExecRequest(
+    ) -> tuple[ExecResult, contracts.SandboxExecReply | None]:
+        request = contracts.SandboxExecRequest(
             task_id=self.task_id, language=Language(language), code=code, timeout_s=timeout_s
         )
         try:
-            reply = await self._call(subjects.SANDBOX_EXEC, request, SandboxExecReply, timeout_s)
+            reply = await self._call(
+                subjects.SANDBOX_EXEC, request, contracts.SandboxExecReply, timeout_s
+            )
         except RpcError as exc:
             return _unanswered(exc), None
         return (format_exec(reply) if reply.ok else _failed(reply)), reply
@@ -128,23 +119,31 @@ class SandboxWorkspace:
         return reply if reply.ok else _failed(reply)
 
     async def write_file(self, path: str, content: str) -> ExecResult:
-        request = SandboxWriteFileRequest(task_id=self.task_id, path=path, content=content)
-        reply = await self._answer(subjects.SANDBOX_WRITE_FILE, request, SandboxWriteFileReply)
+        request = contracts.SandboxWriteFileRequest(
+            task_id=self.task_id, path=path, content=content
+        )
+        reply = await self._answer(
+            subjects.SANDBOX_WRITE_FILE, request, contracts.SandboxWriteFileReply
+        )
         if isinstance(reply, ExecResult):
             return reply
         return ExecResult(True, f"wrote {reply.size} bytes to {reply.path}")
 
     async def read_file(self, path: str) -> ExecResult:
-        request = SandboxReadFileRequest(task_id=self.task_id, path=path)
-        reply = await self._answer(subjects.SANDBOX_READ_FILE, request, SandboxReadFileReply)
+        request = contracts.SandboxReadFileRequest(task_id=self.task_id, path=path)
+        reply = await self._answer(
+            subjects.SANDBOX_READ_FILE, request, contracts.SandboxReadFileReply
+        )
         if isinstance(reply, ExecResult):
             return reply
         note = f"\n[file is {reply.size} bytes; only the start is shown]" if reply.truncated else ""
         return ExecResult(True, reply.content + note)
 
     async def list_files(self) -> ExecResult:
-        request = SandboxListFilesRequest(task_id=self.task_id)
-        reply = await self._answer(subjects.SANDBOX_LIST_FILES, request, SandboxListFilesReply)
+        request = contracts.SandboxListFilesRequest(task_id=self.task_id)
+        reply = await self._answer(
+            subjects.SANDBOX_LIST_FILES, request, contracts.SandboxListFilesReply
+        )
         if isinstance(reply, ExecResult):
             return reply
         if not reply.files:
@@ -155,6 +154,8 @@ class SandboxWorkspace:
         return ExecResult(True, listing)
 
     async def file_names(self) -> list[str]:
-        request = SandboxListFilesRequest(task_id=self.task_id)
-        reply = await self._call(subjects.SANDBOX_LIST_FILES, request, SandboxListFilesReply)
+        request = contracts.SandboxListFilesRequest(task_id=self.task_id)
+        reply = await self._call(
+            subjects.SANDBOX_LIST_FILES, request, contracts.SandboxListFilesReply
+        )
         return [f.path for f in reply.files] if reply.ok else []
