@@ -474,6 +474,15 @@ def test_a_resumption_answers_the_pause_of_its_round_even_if_it_comes_first() ->
     assert going is not None and going.status is TaskStatus.RUNNING
 
 
+def test_a_pause_right_after_a_resumption_keeps_the_task_waiting_in_any_order() -> None:
+    # The planner answered round 0 and paused again in round 1 (the ledger ran out
+    # again once reopened): waiting, however the three decisions are stored.
+    decisions = [paused(round_=0), resumed(round_=0), paused(round_=1)]
+    for order in itertools.permutations(decisions):
+        projection = fold(TaskSubmitted(task_id=TASK, goal="g"), *order)
+        assert projection.status is TaskStatus.AWAITING_APPROVAL
+
+
 def test_a_pause_during_planning_runs_again_after_approval() -> None:
     projection = fold(
         TaskSubmitted(task_id=TASK, goal="g"),

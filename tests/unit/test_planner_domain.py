@@ -231,6 +231,34 @@ def test_stale_exhaustion_after_an_approval_is_ignored() -> None:
     assert state.phase is TaskStatus.RUNNING
 
 
+def test_a_pause_in_the_round_of_an_approval_under_way_waits_for_the_next_one() -> None:
+    state = started(plan(("a", []), ("b", [])))
+    state.outbox.clear()
+    now = domain.now()
+    state.budget_exhausted(exhausted(now + timedelta(hours=1), rnd=0), now)
+    # The ledger applied an approval (round 1), ran out again, and said so before this
+    # state saw the approval: the approval answers round 0 only.
+    state.budget_exhausted(exhausted(now + timedelta(hours=2), rnd=1), now)
+    state.approved(TaskApproved(task_id="tsk_1", add_cost_usd=1), now)
+    assert state.phase is TaskStatus.AWAITING_APPROVAL
+    assert types(state) == ["task.paused", "task.resumed", "task.paused"]
+    assert [getattr(e, "round", None) for e in state.pending_events()] == [0, 0, 1]
+    assert state.approval_deadline == now + timedelta(hours=2)
+    state.approved(TaskApproved(task_id="tsk_1", add_cost_usd=1), now)
+    assert state.phase is TaskStatus.RUNNING
+    assert types(state)[-1] == "task.resumed"  # its steps were never stopped
+
+
+def test_a_later_round_exhaustion_while_running_is_not_answered_by_the_approval() -> None:
+    state = started(plan(("a", [])))
+    state.outbox.clear()
+    now = domain.now()
+    state.budget_exhausted(exhausted(now + timedelta(hours=1), rnd=1), now)
+    state.approved(TaskApproved(task_id="tsk_1"), now)  # round 1: answers round 0
+    assert state.phase is TaskStatus.AWAITING_APPROVAL
+    assert types(state) == ["task.paused", "task.resumed", "task.paused"]
+
+
 def test_fail_policy_fails_the_task_with_the_reason() -> None:
     state = started(plan(("a", [])))
     state.outbox.clear()

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from agentbus.contracts import (
+    SHOWN_STATUSES,
     CostsReply,
     CostsRequest,
     ModelUsage,
@@ -75,7 +76,9 @@ def add_tasks_list_parser(
 ) -> None:
     listing = tasks_subparsers.add_parser("list", help="stored tasks, newest first")
     listing.add_argument(
-        "--status", choices=[s.value for s in TaskStatus], help="only tasks in this status"
+        "--status",
+        choices=[s.value for s in TaskStatus if s in SHOWN_STATUSES],
+        help="only tasks in this status",
     )
     _add_range(listing, default_since=None)
     listing.add_argument("--limit", type=int, default=20, help="most tasks to show (default 20)")

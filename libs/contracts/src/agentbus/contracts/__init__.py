@@ -37,7 +37,7 @@ from .ledger import (
     Reservation,
     Spend,
 )
-from .lifecycle import TERMINAL_STATUSES, StepStatus, TaskStatus
+from .lifecycle import SHOWN_STATUSES, TERMINAL_STATUSES, StepStatus, TaskStatus
 from .models import (
     Budget,
     BudgetKind,
@@ -89,6 +89,7 @@ __all__ = [
     "EVENT_TYPES",
     "LEDGER_KINDS",
     "SCHEMA_VERSION",
+    "SHOWN_STATUSES",
     "TERMINAL_EVENT_TYPES",
     "TERMINAL_STATUSES",
     "AnyEvent",

@@ -42,6 +42,15 @@ TERMINAL_STATUSES: Final = frozenset(
 )
 
 
+# The statuses a task is shown in (memory's projection, the CLI, ``TaskListRequest``):
+# planning, replanning and finishing are the planner's working states, never published.
+SHOWN_STATUSES: Final = frozenset(TaskStatus) - {
+    TaskStatus.PLANNING,
+    TaskStatus.REPLANNING,
+    TaskStatus.FINISHING,
+}
+
+
 class StepStatus(StrEnum):
     PENDING = "pending"  # waiting for the steps it depends on
     RUNNING = "running"  # dispatched to an executor

@@ -10,9 +10,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from .lifecycle import StepStatus, TaskStatus
+from .lifecycle import SHOWN_STATUSES, StepStatus, TaskStatus
 from .models import Contract, ModelUsage, Usage
 
 TaskIdField = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The task this is about.")
@@ -194,6 +194,14 @@ class TaskListRequest(Contract):
     since: datetime | None = Field(None, description="Only tasks submitted at or after this.")
     until: datetime | None = Field(None, description="Only tasks submitted before this.")
     limit: int = Field(50, ge=1, le=1000, description="Most tasks to return, newest first.")
+
+    @field_validator("status")
+    @classmethod
+    def _shown(cls, status: TaskStatus | None) -> TaskStatus | None:
+        if status is not None and status not in SHOWN_STATUSES:
+            shown = ", ".join(s.value for s in TaskStatus if s in SHOWN_STATUSES)
+            raise ValueError(f"no task is listed as {status.value!r}; one of: {shown}")
+        return status
 
 
 class TaskListReply(Reply):

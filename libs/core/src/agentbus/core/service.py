@@ -44,7 +44,7 @@ class Service:
     readiness: list[Callable[[], Awaitable[bool]]] = field(default_factory=list)
     routes: list[NatsRouter] = field(default_factory=list)
     fault: str | None = None
-    started: bool = False  # the start-up hooks have run and the routes are subscribed
+    started: bool = False  # started, routes consuming, not shutting down
 
     @classmethod
     def create(
@@ -114,8 +114,13 @@ class Service:
         passes (the broker's connection is checked by /readyz itself)."""
         if self.fault is not None or not self.started:
             return False
-        results = [await check() for check in self.readiness]
-        return all(results)
+        for check in self.readiness:
+            try:
+                if not await check():
+                    return False
+            except Exception:  # noqa: BLE001 - a check that cannot tell (a closed client): not ready
+                return False
+        return True
 
     def app(
         self,
@@ -138,7 +143,12 @@ class Service:
         async def subscribe() -> None:
             if self.fault is None:
                 self.include_routes()
-                self.started = True
+
+        async def mark_started() -> None:  # the broker has started: the routes consume
+            self.started = self.fault is None
+
+        async def mark_stopping() -> None:
+            self.started = False
 
         async def flush_traces() -> None:
             await asyncio.to_thread(self.tracer_provider.shutdown)
@@ -147,8 +157,8 @@ class Service:
             self.broker,
             logger=get_logger(f"agentbus.{self.name}"),
             on_startup=[declare_streams, *on_startup, subscribe],
-            after_startup=[lag.start],
-            on_shutdown=[lag.stop, *on_shutdown],
+            after_startup=[mark_started, lag.start],
+            on_shutdown=[mark_stopping, lag.stop, *on_shutdown],
             after_shutdown=[*after_shutdown, flush_traces],
             specification=AsyncAPI(
                 title=f"agentbus {self.name}",

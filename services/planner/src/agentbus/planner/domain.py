@@ -76,6 +76,13 @@ class TaskState(BaseModel):
     paused_seconds: float = Field(0, description="Time spent awaiting approval so far.")
     approval_deadline: datetime | None = None
     approvals: int = Field(0, description="Approvals applied (the ledger's round).")
+    next_pause: int | None = Field(
+        None,
+        description="Round of a pause that came in while an earlier one still awaited its "
+        "approval (the ledger ran out again once reopened): the approval of the earlier "
+        "one does not resume the task.",
+    )
+    next_pause_deadline: datetime | None = None
     exhausted_reason: str = ""
     revision: int = 0
     steps: dict[str, StepState] = Field(default_factory=dict)
@@ -269,18 +276,26 @@ class TaskState(BaseModel):
             self.fail(event.reason)
             return
         self.exhausted_reason = event.cause or event.reason
+        if event.round > self.approvals:
+            # An approval is under way (the ledger has applied it, this state not yet)
+            # and the budget ran out again after it: that approval does not answer this.
+            self.next_pause = max(event.round, self.next_pause or 0)
+            self.next_pause_deadline = event.approval_deadline
         if self.phase is TaskStatus.AWAITING_APPROVAL:
             return
         self.resume_phase = self.phase
         self.phase = TaskStatus.AWAITING_APPROVAL
         self.paused_at = now
-        self.approval_deadline = event.approval_deadline
+        self._paused(event.approval_deadline)
+
+    def _paused(self, deadline: datetime | None) -> None:
+        self.approval_deadline = deadline
         self._emit(
             TaskPaused(
                 event_id=derived_event_id(self.task_id, "paused", self.approvals),
                 task_id=self.task_id,
                 reason=self.exhausted_reason,
-                approval_deadline=self.approval_deadline,
+                approval_deadline=deadline,
                 round=self.approvals,
             )
         )
@@ -298,12 +313,24 @@ class TaskState(BaseModel):
         if self.phase is not TaskStatus.AWAITING_APPROVAL:
             self._go_on()  # approved before the pause reached us: paused steps go on
             return
+        if self.next_pause is not None and self.next_pause >= self.approvals:
+            # The ledger ran out again in this approval's round: the task answers the
+            # earlier pause and waits for the next approval, with the new deadline.
+            self._resumed(answered)
+            self._paused(self.next_pause_deadline)
+            if self.next_pause == self.approvals:
+                self.next_pause = self.next_pause_deadline = None
+            return
         if self.paused_at is not None:
             self.paused_seconds += max(0.0, (now - self.paused_at).total_seconds())
         self.phase = self.resume_phase or TaskStatus.RUNNING
         self.resume_phase = None
         self.paused_at = None
         self.approval_deadline = None
+        self._resumed(answered)
+        self._go_on()
+
+    def _resumed(self, answered: int) -> None:
         self._emit(
             TaskResumed(
                 event_id=derived_event_id(self.task_id, "resumed", answered),
@@ -311,7 +338,6 @@ class TaskState(BaseModel):
                 round=answered,
             )
         )
-        self._go_on()
 
     def approval_timed_out(self, now: datetime) -> None:
         deadline = self.approval_deadline
