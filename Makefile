@@ -11,7 +11,7 @@ TASK ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-PACKAGES := libs/contracts libs/core services/planner services/executor services/sandbox services/memory cli
+PACKAGES := libs/contracts libs/core services/planner services/executor services/sandbox services/memory services/gateway cli
 PYPROJECTS := $(addsuffix /pyproject.toml,$(PACKAGES))
 SERVICES := planner executor sandbox memory
 
@@ -64,7 +64,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy libs/contracts/src libs/core/src services/planner/src services/executor/src services/sandbox/src services/memory/src cli/src
+	$(BIN)/mypy libs/contracts/src libs/core/src services/planner/src services/executor/src services/sandbox/src services/memory/src services/gateway/src cli/src
 
 ## check: lint, types and tests
 check: lint typecheck test

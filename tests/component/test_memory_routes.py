@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
+import structlog
 from faststream.nats import NatsBroker, TestNatsBroker
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -23,9 +24,18 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry, Histogram
 from pydantic import BaseModel
 
+from agentbus.cli.keys import new_key
 from agentbus.contracts import (
     CostsReply,
     CostsRequest,
+    KeyCreateReply,
+    KeyCreateRequest,
+    KeyListReply,
+    KeyListRequest,
+    KeyRevokeReply,
+    KeyRevokeRequest,
+    KeyVerifyReply,
+    KeyVerifyRequest,
     MemorySaveReply,
     MemorySaveRequest,
     MemorySearchReply,
@@ -52,7 +62,13 @@ from agentbus.core.bus import create_broker
 from agentbus.core.settings import BusSettings
 from agentbus.memory import Settings, routes
 from agentbus.memory.ports import DatabaseUnavailable, EmbeddingError
-from agentbus.memory.usecases import EventRecorder, MemoryUseCases, SemanticQueries, TaskQueries
+from agentbus.memory.usecases import (
+    EventRecorder,
+    KeyQueries,
+    MemoryUseCases,
+    SemanticQueries,
+    TaskQueries,
+)
 from tests.fakes import (
     FakeDelivery,
     InMemoryEventLog,
@@ -60,6 +76,7 @@ from tests.fakes import (
     RecordingDeadLetters,
     RejectedRow,
 )
+from tests.fakes.event_log import InMemoryKeyStore
 
 WAIT_S = 2.0  # bound on every wait; each test takes milliseconds
 MAX_DELIVER = 3
@@ -79,6 +96,7 @@ class Rig:
 
     log: InMemoryEventLog = field(default_factory=InMemoryEventLog)
     index: InMemorySemanticIndex = field(default_factory=lambda: InMemorySemanticIndex(200))
+    key_store: InMemoryKeyStore = field(default_factory=InMemoryKeyStore)
     dead_letters: RecordingDeadLetters = field(default_factory=RecordingDeadLetters)
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
     spans: InMemorySpanExporter = field(default_factory=InMemorySpanExporter)
@@ -104,6 +122,7 @@ class Rig:
                     "agentbus_memory_search_seconds", "", ("outcome",), registry=self.metrics
                 ),
             ),
+            keys=KeyQueries(self.key_store),
         )
 
     @contextlib.asynccontextmanager
@@ -113,6 +132,7 @@ class Rig:
         broker.context.set_global(routes.RECORDER, self.uses.recorder)
         broker.context.set_global(routes.TASKS, self.uses.tasks)
         broker.context.set_global(routes.SEMANTIC, self.uses.semantic)
+        broker.context.set_global(routes.KEYS, self.uses.keys)
         async with TestNatsBroker(broker) as br:
             yield br
 
@@ -131,9 +151,11 @@ async def ask(br: NatsBroker, subject: str, request: BaseModel, reply: type[R]) 
     return reply.model_validate_json(msg.body)
 
 
-def a_finished_task(task_id: str, *, at: datetime = T0, cost: float = 0.01) -> list[Any]:
+def a_finished_task(
+    task_id: str, *, at: datetime = T0, cost: float = 0.01, tenant: str = ""
+) -> list[Any]:
     return [
-        TaskSubmitted(task_id=task_id, goal=f"goal of {task_id}", occurred_at=at),
+        TaskSubmitted(task_id=task_id, goal=f"goal of {task_id}", tenant=tenant, occurred_at=at),
         PlanCreated(task_id=task_id, steps=[STEP], occurred_at=at),
         StepReady(task_id=task_id, step=STEP, goal="g", occurred_at=at),
         StepCompleted(task_id=task_id, step_id=STEP.id, output="found it", occurred_at=at),
@@ -212,6 +234,25 @@ QUERIES: list[tuple[str, BaseModel, type[Reply], str]] = [
     ),
     (subjects.MEMORY_TASK_LIST, TaskListRequest(), TaskListReply, "cannot list tasks: "),
     (subjects.MEMORY_COSTS, CostsRequest(), CostsReply, "cannot total costs: "),
+    (
+        subjects.MEMORY_KEYS_CREATE,
+        KeyCreateRequest(tenant="acme", key_hash="a" * 64, prefix="agb_x"),
+        KeyCreateReply,
+        "cannot create the key: ",
+    ),
+    (subjects.MEMORY_KEYS_LIST, KeyListRequest(), KeyListReply, "cannot list keys: "),
+    (
+        subjects.MEMORY_KEYS_REVOKE,
+        KeyRevokeRequest(key_id="key_1"),
+        KeyRevokeReply,
+        "cannot revoke the key: ",
+    ),
+    (
+        subjects.MEMORY_KEYS_VERIFY,
+        KeyVerifyRequest(key_hash="a" * 64),
+        KeyVerifyReply,
+        "cannot check the key: ",
+    ),
 ]
 
 
@@ -220,11 +261,184 @@ async def test_a_query_while_the_database_is_away_gets_the_reason(
     subject: str, request_: BaseModel, reply_type: type[Reply], prefix: str
 ) -> None:
     rig = Rig()
-    rig.log.down = "connection refused"
+    rig.log.down = rig.key_store.down = "connection refused"
     async with rig.broker() as br:
         reply = await ask(br, subject, request_, reply_type)
     assert not reply.ok
     assert reply.error == f"{prefix}connection refused"
+
+
+# --- tenants: a request naming one sees only its tasks ----------------------------------
+
+
+async def test_a_tenant_sees_only_its_own_tasks_and_no_tenant_sees_all() -> None:
+    rig = Rig()
+    ours, theirs, local = new_id("tsk"), new_id("tsk"), new_id("tsk")
+    rig.log.add(*a_finished_task(ours, cost=0.25, tenant="acme"))
+    rig.log.add(*a_finished_task(theirs, cost=0.5, tenant="globex"))
+    rig.log.add(*a_finished_task(local, cost=0.125))  # submitted on the bus: no tenant
+    async with rig.broker() as br:
+        listed = await ask(
+            br, subjects.MEMORY_TASK_LIST, TaskListRequest(tenant="acme"), TaskListReply
+        )
+        every = await ask(br, subjects.MEMORY_TASK_LIST, TaskListRequest(), TaskListReply)
+        costs = await ask(br, subjects.MEMORY_COSTS, CostsRequest(tenant="acme"), CostsReply)
+        own = await ask(
+            br,
+            subjects.MEMORY_TASK_HISTORY,
+            TaskHistoryRequest(task_id=ours, tenant="acme"),
+            TaskHistoryReply,
+        )
+    assert [t.task_id for t in listed.tasks] == [ours]
+    assert {t.task_id for t in every.tasks} == {ours, theirs, local}
+    assert (costs.tasks, [t.task_id for t in costs.by_task]) == (1, [ours])
+    assert costs.total.cost_usd == pytest.approx(0.25)
+    assert own.ok and own.task is not None and own.task.task_id == ours
+
+
+@pytest.mark.parametrize("whose", ["globex", ""], ids=["another tenant", "no tenant"])
+async def test_another_tenants_task_looks_exactly_like_an_unknown_one(whose: str) -> None:
+    rig = Rig()
+    theirs, unknown = new_id("tsk"), new_id("tsk")
+    rig.log.add(*a_finished_task(theirs, tenant=whose))
+    async with rig.broker() as br:
+        hidden = await ask(
+            br,
+            subjects.MEMORY_TASK_HISTORY,
+            TaskHistoryRequest(task_id=theirs, tenant="acme"),
+            TaskHistoryReply,
+        )
+        missing = await ask(
+            br,
+            subjects.MEMORY_TASK_HISTORY,
+            TaskHistoryRequest(task_id=unknown, tenant="acme"),
+            TaskHistoryReply,
+        )
+    assert (hidden.ok, hidden.error) == (False, f"unknown task {theirs}")
+    assert (missing.ok, missing.error) == (False, f"unknown task {unknown}")
+    assert hidden.model_dump(exclude={"error"}) == missing.model_dump(exclude={"error"})
+
+
+# --- API keys --------------------------------------------------------------------------
+
+
+async def test_a_key_is_created_verified_listed_and_refused_once_revoked() -> None:
+    rig = Rig()
+    key, key_hash, prefix = new_key()
+    async with rig.broker() as br:
+        created = await ask(
+            br,
+            subjects.MEMORY_KEYS_CREATE,
+            KeyCreateRequest(tenant="acme", key_hash=key_hash, prefix=prefix),
+            KeyCreateReply,
+        )
+        assert created.ok and created.key is not None, created.error
+        key_id = created.key.key_id
+        verified = await ask(
+            br, subjects.MEMORY_KEYS_VERIFY, KeyVerifyRequest(key_hash=key_hash), KeyVerifyReply
+        )
+        listed = await ask(
+            br, subjects.MEMORY_KEYS_LIST, KeyListRequest(tenant="acme"), KeyListReply
+        )
+        others = await ask(
+            br, subjects.MEMORY_KEYS_LIST, KeyListRequest(tenant="globex"), KeyListReply
+        )
+        revoked = await ask(
+            br, subjects.MEMORY_KEYS_REVOKE, KeyRevokeRequest(key_id=key_id), KeyRevokeReply
+        )
+        again = await ask(
+            br, subjects.MEMORY_KEYS_REVOKE, KeyRevokeRequest(key_id=key_id), KeyRevokeReply
+        )
+        refused = await ask(
+            br, subjects.MEMORY_KEYS_VERIFY, KeyVerifyRequest(key_hash=key_hash), KeyVerifyReply
+        )
+        after = await ask(br, subjects.MEMORY_KEYS_LIST, KeyListRequest(), KeyListReply)
+    assert (created.key.tenant, created.key.prefix, created.key.revoked_at) == (
+        "acme",
+        prefix,
+        None,
+    )
+    assert key.startswith(prefix) and len(prefix) <= 16
+    assert (verified.ok, verified.key_id, verified.tenant) == (True, key_id, "acme")
+    assert [k.key_id for k in listed.keys] == [key_id]
+    assert others.keys == []
+    assert (revoked.ok, revoked.revoked) == (True, True)
+    assert (again.ok, again.revoked) == (True, False)  # revoked already: nothing to do
+    assert refused.refused  # a refusal, not memory failing to check
+    assert (refused.ok, refused.error, refused.key_id, refused.tenant) == (
+        False,
+        "unknown or revoked key",
+        "",
+        "",
+    )
+    (listed_after,) = after.keys
+    assert listed_after.revoked_at is not None
+
+
+async def test_an_unknown_key_is_refused_and_revoking_one_revokes_nothing() -> None:
+    _, key_hash, _ = new_key()
+    async with Rig().broker() as br:
+        refused = await ask(
+            br, subjects.MEMORY_KEYS_VERIFY, KeyVerifyRequest(key_hash=key_hash), KeyVerifyReply
+        )
+        revoked = await ask(
+            br, subjects.MEMORY_KEYS_REVOKE, KeyRevokeRequest(key_id="key_nope"), KeyRevokeReply
+        )
+    assert (refused.ok, refused.error) == (False, "unknown or revoked key")
+    assert (revoked.ok, revoked.revoked) == (True, False)
+
+
+async def test_a_duplicate_key_hash_is_refused_and_the_first_key_stays() -> None:
+    rig = Rig()
+    _, key_hash, prefix = new_key()
+    async with rig.broker() as br:
+        first = await ask(
+            br,
+            subjects.MEMORY_KEYS_CREATE,
+            KeyCreateRequest(tenant="acme", key_hash=key_hash, prefix=prefix),
+            KeyCreateReply,
+        )
+        second = await ask(
+            br,
+            subjects.MEMORY_KEYS_CREATE,
+            KeyCreateRequest(tenant="globex", key_hash=key_hash, prefix=prefix),
+            KeyCreateReply,
+        )
+        verified = await ask(
+            br, subjects.MEMORY_KEYS_VERIFY, KeyVerifyRequest(key_hash=key_hash), KeyVerifyReply
+        )
+    assert first.ok and first.key is not None
+    assert (second.ok, second.key) == (False, None)
+    assert second.error is not None and "stored already" in second.error
+    assert (verified.tenant, verified.key_id) == ("acme", first.key.key_id)
+
+
+async def test_a_key_hash_is_never_logged() -> None:
+    rig = Rig()
+    _, key_hash, prefix = new_key()
+    with structlog.testing.capture_logs() as logs:
+        async with rig.broker() as br:
+            created = await ask(
+                br,
+                subjects.MEMORY_KEYS_CREATE,
+                KeyCreateRequest(tenant="acme", key_hash=key_hash, prefix=prefix),
+                KeyCreateReply,
+            )
+            assert created.key is not None
+            await ask(
+                br, subjects.MEMORY_KEYS_VERIFY, KeyVerifyRequest(key_hash=key_hash), KeyVerifyReply
+            )
+            await ask(
+                br,
+                subjects.MEMORY_KEYS_REVOKE,
+                KeyRevokeRequest(key_id=created.key.key_id),
+                KeyRevokeReply,
+            )
+    assert [e["event"] for e in logs if e["event"].startswith("api key")] == [
+        "api key created",
+        "api key revoked",
+    ]
+    assert key_hash not in repr(logs)
 
 
 async def test_readiness_is_the_database_answering() -> None:

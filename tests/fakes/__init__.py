@@ -10,11 +10,13 @@ prove the same paths with the real parts.
 * ``sandbox``: the executor's view of a task's workspace and memory;
 * ``sandbox_engine``: the sandbox service's engine (no code is run);
 * ``event_log``, ``deliveries``: memory's event log, semantic index and JetStream
-  deliveries.
+  deliveries;
+* ``gateway``: the gateway's directory (memory) and events stream.
 """
 
 from .deliveries import DeadLetter, FakeDelivery, RecordingDeadLetters
 from .event_log import InMemoryEventLog, InMemorySemanticIndex, RejectedRow
+from .gateway import DirectoryInMemory, EventsInMemory
 from .kv import MemoryKV
 from .publisher import RecordingPublisher
 from .sandbox import MemoryStepTools, MemoryWorkspace, NotedMemory
@@ -24,6 +26,8 @@ from .timers import MemoryTimers
 
 __all__ = [
     "DeadLetter",
+    "DirectoryInMemory",
+    "EventsInMemory",
     "FakeDelivery",
     "InMemoryEventLog",
     "InMemorySemanticIndex",

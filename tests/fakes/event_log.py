@@ -1,10 +1,11 @@
-"""Memory's event log and semantic index in memory: the ``EventLog`` and
-``SemanticIndex`` ports of ``agentbus.memory.ports``.
+"""Memory's event log, key store and semantic index in memory: the ``EventLog``,
+``KeyStore`` and ``SemanticIndex`` ports of ``agentbus.memory.ports``.
 
 The event log folds known events with the real domain (``domain.replay``), so task
 summaries and steps come out as the Postgres one would give them. ``down`` makes every
 call fail as during an outage (``DatabaseUnavailable``); ``rejects`` makes a write that
 contains one of those event ids fail as a bad row would (a constraint violation).
+A tenant filter sees a task as the Postgres one does: by the tenant of its projection.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from datetime import datetime
 
 from agentbus.contracts import (
     Event,
+    KeyInfo,
     MemorySaveRequest,
     MemorySearchRequest,
     StoredEvent,
     TaskCost,
     Usage,
     new_id,
+    utcnow,
 )
 from agentbus.memory import domain
-from agentbus.memory.ports import DatabaseUnavailable
+from agentbus.memory.ports import DatabaseUnavailable, DuplicateKey
 
 
 class RejectedRow(Exception):
@@ -69,14 +72,16 @@ class InMemoryEventLog:
         )
 
     def _projections(
-        self, since: datetime | None, until: datetime | None
+        self, since: datetime | None, until: datetime | None, tenant: str | None
     ) -> list[domain.TaskProjection]:
         tasks = dict.fromkeys(i.record.task_id for i in self.stored.values())
         found = [p for t in tasks if (p := self._projection(t)) is not None]
         return [
             p
             for p in found
-            if (since is None or p.created_at >= since) and (until is None or p.created_at < until)
+            if (since is None or p.created_at >= since)
+            and (until is None or p.created_at < until)
+            and tenant in (None, p.tenant)
         ]
 
     async def record_batch(self, items: Sequence[domain.Incoming]) -> list[bool]:
@@ -94,9 +99,12 @@ class InMemoryEventLog:
         return stored
 
     async def task_history(
-        self, task_id: str
+        self, task_id: str, *, tenant: str | None = None
     ) -> tuple[domain.TaskProjection | None, list[StoredEvent]]:
         self._check()
+        projection = self._projection(task_id)
+        if tenant is not None and (projection is None or projection.tenant != tenant):
+            return None, []
         events = [
             StoredEvent(
                 seq=i.record.stream_seq,
@@ -107,7 +115,7 @@ class InMemoryEventLog:
             )
             for i in self._of(task_id)
         ]
-        return self._projection(task_id), events
+        return projection, events
 
     async def list_tasks(
         self,
@@ -116,17 +124,25 @@ class InMemoryEventLog:
         since: datetime | None,
         until: datetime | None,
         limit: int,
+        tenant: str | None = None,
     ) -> list[domain.TaskProjection]:
         self._check()
-        found = [p for p in self._projections(since, until) if status in (None, p.status.value)]
+        found = [
+            p for p in self._projections(since, until, tenant) if status in (None, p.status.value)
+        ]
         return sorted(found, key=lambda p: p.created_at, reverse=True)[:limit]
 
     async def costs(
-        self, *, since: datetime | None, until: datetime | None, top_tasks: int
+        self,
+        *,
+        since: datetime | None,
+        until: datetime | None,
+        top_tasks: int,
+        tenant: str | None = None,
     ) -> domain.CostReport:
         """Spend as the tasks' projections report it (the fake keeps no ``llm_calls``)."""
         self._check()
-        found = self._projections(since, until)
+        found = self._projections(since, until, tenant)
         spent = sum((p.usage for p in found), Usage())
         by_task = sorted(found, key=lambda p: p.usage.total.cost_usd, reverse=True)
         return domain.CostReport(
@@ -146,6 +162,45 @@ class InMemoryEventLog:
 
     async def ping(self) -> bool:
         return self.down is None
+
+
+class InMemoryKeyStore:
+    """API keys by hash, as the ``api_keys`` table keeps them; ``down`` as above."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, tuple[str, KeyInfo]] = {}  # by key id: (hash, info)
+        self.down: str | None = None
+
+    def _check(self) -> None:
+        if self.down is not None:
+            raise DatabaseUnavailable(self.down)
+
+    async def create_key(self, *, key_id: str, tenant: str, key_hash: str, prefix: str) -> KeyInfo:
+        self._check()
+        if any(stored == key_hash for stored, _ in self.keys.values()):
+            raise DuplicateKey("a key with this hash is stored already")
+        info = KeyInfo(key_id=key_id, tenant=tenant, prefix=prefix, created_at=utcnow())
+        self.keys[key_id] = (key_hash, info)
+        return info
+
+    async def list_keys(self, *, tenant: str | None) -> list[KeyInfo]:
+        self._check()
+        return [info for _, info in self.keys.values() if tenant in (None, info.tenant)]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        self._check()
+        found = self.keys.get(key_id)
+        if found is None or found[1].revoked_at is not None:
+            return False
+        key_hash, info = found
+        self.keys[key_id] = (key_hash, info.model_copy(update={"revoked_at": utcnow()}))
+        return True
+
+    async def verify_key(self, key_hash: str) -> KeyInfo | None:
+        self._check()
+        return next(
+            (i for h, i in self.keys.values() if h == key_hash and i.revoked_at is None), None
+        )
 
 
 class InMemorySemanticIndex:

@@ -729,7 +729,7 @@ async def test_migrating_copies_llm_calls_an_older_memory_stored_as_unknown_even
         every = migrations()
         monkeypatch.setattr(memory_db, "migrations", lambda: every[:2])  # a memory before 0003
         assert await run_migrations(dsn) == [1, 2]
-        monkeypatch.undo()
+        monkeypatch.setattr(memory_db, "migrations", lambda: every[:3])  # and one with it
 
         task_id = new_id("tsk")
         good = call(task_id, "model-a", 0.5, datetime(2026, 11, 2, tzinfo=UTC), role="planner")

@@ -68,7 +68,7 @@ def fold(*events: Event) -> TaskProjection:
 
 def lifecycle() -> list[Event]:
     return [
-        TaskSubmitted(task_id=TASK, goal="the goal", occurred_at=at(0)),
+        TaskSubmitted(task_id=TASK, goal="the goal", tenant="acme", occurred_at=at(0)),
         PlanCreated(task_id=TASK, steps=[S1], usage=spend(1, 0.01), occurred_at=at(1)),
         StepReady(task_id=TASK, step=S1, goal="the goal", occurred_at=at(2)),
         StepToolCalled(task_id=TASK, step_id="s1", tool="run_python", occurred_at=at(3)),
@@ -337,6 +337,20 @@ def test_a_projection_survives_its_row() -> None:
     row = json.loads(json.dumps(projection.to_row(), default=str))  # as jsonb gives it back
     row["created_at"], row["updated_at"] = projection.created_at, projection.updated_at
     assert TaskProjection.from_row(row) == projection
+    assert row["tenant"] == "acme"
+
+
+def test_the_tenant_is_the_one_task_submitted_names_whenever_it_arrives() -> None:
+    submitted, *rest = lifecycle()
+    before = fold(*rest)  # TaskSubmitted not seen yet: no tenant known
+    assert before.tenant == ""
+    after = apply(before, submitted, 99)
+    assert after is not None
+    assert after.tenant == "acme"
+    assert after.status is TaskStatus.COMPLETED  # only the goal and the tenant filled in
+    assert fold(*lifecycle()).tenant == "acme"
+    local = fold(TaskSubmitted(task_id=TASK, goal="g"))  # on the bus directly: none
+    assert local.tenant == ""
 
 
 def test_the_summary_is_what_task_history_answers_with() -> None:

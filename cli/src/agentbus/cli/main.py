@@ -39,7 +39,7 @@ from agentbus.core.ports import RpcError
 from agentbus.core.settings import LLMSettings, TelemetrySettings
 from agentbus.core.tracing import build_tracer_provider
 
-from . import client, doctor, sandbox_cmd, tasks_cmd
+from . import client, doctor, keys_cmd, local_gateway, sandbox_cmd, tasks_cmd
 from .locate import (
     agentbus_home,
     announced,
@@ -275,18 +275,34 @@ async def _up(args: argparse.Namespace) -> int:
         async with EmbeddedStack(
             home=home, replicas=replicas, extra_env=env, database_url=external_database_url()
         ) as stack:
-            with announced(stack_file(home), stack.nats_url or ""):
-                print(f"agentbus is up: NATS {stack.nats_url}")
-                for p in stack.services.processes if stack.services else []:
+            nats_url = stack.nats_url or ""
+            key = await local_gateway.local_key(nats_url, home)
+            stack_env = stack.services.env if stack.services else {}
+            gateway = await local_gateway.start_gateway(stack_env, home, nats_url)
+            with announced(stack_file(home), nats_url):
+                print(f"agentbus is up: NATS {nats_url}")
+                for p in [
+                    *(stack.services.processes if stack.services else []),
+                    *gateway.processes,
+                ]:
                     urls = f"{p.url}/metrics  {p.url}/readyz"
                     print(f"  {p.name}[{p.index}]  pid {p.proc.pid:<8} {urls}")
+                print(f"gateway: {gateway.processes[0].url}  (HTTP API: /v1, /openapi.json)")
+                print(
+                    f"API key of tenant '{local_gateway.LOCAL_TENANT}': {key}"
+                    f"  (kept in {local_gateway.key_file(home)})"
+                )
                 print(
                     f'logs in {home / "logs"}; submit with: agentbus run --task "..."; Ctrl-C stops'
                 )
-                while not stop.is_set():
-                    stack.check_alive()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=1.0)
+                try:
+                    while not stop.is_set():
+                        stack.check_alive()
+                        gateway.check_alive()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), timeout=1.0)
+                finally:
+                    await asyncio.to_thread(gateway.stop)
     except StackError as exc:
         print(f"agentbus: {exc}", file=sys.stderr)
         return 3
@@ -443,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_tasks_show)
     tasks_cmd.add_parsers(sub, tasks_sub)  # tasks list, costs
     sandbox_cmd.add_parser(sub)  # sandbox exec
+    keys_cmd.add_parser(sub)  # keys create, list, revoke
     doctor.add_parser(sub)
     return parser
 

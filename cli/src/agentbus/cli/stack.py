@@ -23,7 +23,7 @@ from typing import IO, Any, Self
 
 from agentbus.contracts import HealthReply, HealthRequest, subjects
 
-SERVICE_MODULES = {name: f"agentbus.{name}" for name in subjects.SERVICES}
+SERVICE_MODULES = {name: f"agentbus.{name}" for name in (*subjects.SERVICES, "gateway")}
 
 
 class StackError(RuntimeError):
@@ -289,7 +289,12 @@ class ServiceGroup:
                 port = free_port() if self.http else 0
                 proc = subprocess.Popen(
                     [sys.executable, "-m", SERVICE_MODULES[name]],
-                    env={**env, "AGENTBUS_REPLICA": str(index), "AGENTBUS_HTTP_PORT": str(port)},
+                    env={
+                        **env,
+                        "AGENTBUS_REPLICA": str(index),
+                        "AGENTBUS_HTTP_PORT": str(port),
+                        "AGENTBUS_GATEWAY_PORT": str(port),  # the gateway's API is its HTTP
+                    },
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -377,10 +382,14 @@ async def _health(nc: Any, name: str) -> HealthReply | None:
 
 
 async def drain_consumer(nats_url: str, durable: str, *, timeout: float = 15.0) -> bool:
-    """Wait until a durable consumer of the events stream has nothing pending or unacked."""
+    """Wait until a durable consumer of the events stream has nothing pending or unacked.
+    False at once when NATS does not answer (it died: there is nothing to drain)."""
     import nats
 
-    nc = await nats.connect(nats_url, connect_timeout=5)
+    try:
+        nc = await nats.connect(nats_url, connect_timeout=5, allow_reconnect=False)
+    except Exception:  # noqa: BLE001 - any connection failure means the same
+        return False
     try:
         js = nc.jetstream()
         deadline = time.monotonic() + timeout

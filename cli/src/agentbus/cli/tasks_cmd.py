@@ -105,7 +105,7 @@ def _short(goal: str, width: int) -> str:
     return goal if len(goal) <= width else goal[: width - 3] + "..."
 
 
-async def _ask(subject: str, request: Any, reply_type: type[R]) -> R | int:
+async def ask_memory(subject: str, request: Any, reply_type: type[R]) -> R | int:
     """Send one request to memory (starting the embedded stack if needed); an exit code
     if that fails."""
     from . import client
@@ -135,7 +135,7 @@ async def tasks_list_command(args: argparse.Namespace) -> int:
         until=args.until,
         limit=max(1, min(args.limit, 1000)),
     )
-    reply = await _ask(subjects.MEMORY_TASK_LIST, request, TaskListReply)
+    reply = await ask_memory(subjects.MEMORY_TASK_LIST, request, TaskListReply)
     if isinstance(reply, int):
         return reply
     if args.json:
@@ -156,7 +156,7 @@ async def tasks_list_command(args: argparse.Namespace) -> int:
 async def costs_command(args: argparse.Namespace) -> int:
     since: datetime | None = args.since  # argparse parsed it (and the default) already
     request = CostsRequest(since=since, until=args.until, top_tasks=max(0, min(args.top, 1000)))
-    reply = await _ask(subjects.MEMORY_COSTS, request, CostsReply)
+    reply = await ask_memory(subjects.MEMORY_COSTS, request, CostsReply)
     if isinstance(reply, int):
         return reply
     if args.json:

@@ -53,6 +53,12 @@ class TaskSubmitted(Event):
     goal: str = Field(min_length=1, max_length=20_000, description="The task in plain words.")
     budget: Budget = Field(default_factory=Budget, description="Limits of the task.")
     submitted_by: str = Field("cli", max_length=200, description="Who submitted the task.")
+    tenant: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9_-]{0,64}$",
+        description="The tenant the task belongs to, set by the gateway from the caller's "
+        "API key; empty for tasks submitted on the bus directly (the CLI, local use).",
+    )
 
 
 class PlanCreated(Event):

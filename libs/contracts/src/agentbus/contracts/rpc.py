@@ -6,6 +6,7 @@ why in ``error`` instead of leaving the caller to time out.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -165,8 +166,16 @@ class StoredEvent(Contract):
     payload: dict[str, Any] = Field(description="The event as published.")
 
 
+TenantField = Field(
+    None,
+    pattern=r"^[A-Za-z0-9_-]{1,64}$",
+    description="Only this tenant's tasks (the gateway always sets it); None: every task.",
+)
+
+
 class TaskHistoryRequest(Contract):
     task_id: str = TaskIdField
+    tenant: str | None = TenantField
 
 
 class StepSummary(Contract):
@@ -190,6 +199,7 @@ class TaskHistoryReply(Reply):
 
 
 class TaskListRequest(Contract):
+    tenant: str | None = TenantField
     status: TaskStatus | None = Field(None, description="Only tasks in this status.")
     since: datetime | None = Field(None, description="Only tasks submitted at or after this.")
     until: datetime | None = Field(None, description="Only tasks submitted before this.")
@@ -209,6 +219,7 @@ class TaskListReply(Reply):
 
 
 class CostsRequest(Contract):
+    tenant: str | None = TenantField
     since: datetime | None = Field(None, description="Tasks submitted at or after this.")
     until: datetime | None = Field(None, description="Tasks submitted before this.")
     top_tasks: int = Field(20, ge=0, le=1000, description="Most expensive tasks to list.")
@@ -244,3 +255,61 @@ class HealthReply(Reply):
     service: str = Field("", description="Service name.")
     instance: str = Field("", description="Replica id (host and pid).")
     status: Literal["ok", "degraded"] = Field("ok", description="Readiness of the replica.")
+
+
+# --- tenants and API keys (kept by memory; the key itself never crosses the bus) ------
+
+
+def hash_api_key(key: str) -> str:
+    """The SHA-256 of an API key, hex: what memory stores and is asked about."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyInfo(Contract):
+    key_id: str = Field(description="The key's id (not secret).")
+    tenant: str = Field(description="The tenant the key acts for.")
+    prefix: str = Field(description="The key's first characters, to recognise it.")
+    created_at: datetime = Field(description="When the key was created.")
+    revoked_at: datetime | None = Field(None, description="When it was revoked, if it was.")
+
+
+class KeyCreateRequest(Contract):
+    tenant: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Tenant (created if new).")
+    key_hash: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, hex: the key is never sent."
+    )
+    prefix: str = Field(max_length=16, description="The key's first characters.")
+
+
+class KeyCreateReply(Reply):
+    key: KeyInfo | None = Field(None, description="The stored key.")
+
+
+class KeyListRequest(Contract):
+    tenant: str | None = TenantField
+
+
+class KeyListReply(Reply):
+    keys: list[KeyInfo] = Field(default_factory=list, description="Oldest first.")
+
+
+class KeyRevokeRequest(Contract):
+    key_id: str = Field(max_length=64, description="The key to revoke.")
+
+
+class KeyRevokeReply(Reply):
+    revoked: bool = Field(False, description="False if it was unknown or revoked already.")
+
+
+class KeyVerifyRequest(Contract):
+    key_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, hex.")
+
+
+class KeyVerifyReply(Reply):
+    """ok=False for an unknown or revoked key (``refused``), or when memory cannot check."""
+
+    refused: bool = Field(
+        False, description="True: the key is unknown or revoked (not: memory could not check)."
+    )
+    key_id: str = Field("", description="The key's id.")
+    tenant: str = Field("", description="The tenant it acts for.")

@@ -34,6 +34,10 @@ MEMORY_SEARCH: Final = f"{RPC_ROOT}.memory.search"
 MEMORY_TASK_HISTORY: Final = f"{RPC_ROOT}.memory.task_history"
 MEMORY_TASK_LIST: Final = f"{RPC_ROOT}.memory.task_list"
 MEMORY_COSTS: Final = f"{RPC_ROOT}.memory.costs"
+MEMORY_KEYS_CREATE: Final = f"{RPC_ROOT}.memory.keys.create"
+MEMORY_KEYS_LIST: Final = f"{RPC_ROOT}.memory.keys.list"
+MEMORY_KEYS_REVOKE: Final = f"{RPC_ROOT}.memory.keys.revoke"
+MEMORY_KEYS_VERIFY: Final = f"{RPC_ROOT}.memory.keys.verify"
 
 # Request/reply handlers of one service share a queue group, so replicas split the load.
 SANDBOX_QUEUE: Final = "agentbus-sandbox"

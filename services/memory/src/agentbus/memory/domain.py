@@ -273,7 +273,8 @@ class TaskProjection:
     Pauses are the planner's decisions, numbered by approval round: ``paused_round`` is
     the round of the latest ``TaskPaused`` (None: never paused); ``approvals`` is one
     more than the round of the latest ``TaskResumed`` (every pause up to it answered).
-    The task awaits approval while its latest pause is unanswered.
+    The task awaits approval while its latest pause is unanswered. ``tenant`` is the
+    one ``TaskSubmitted`` names; "" (no tenant) until that event is applied.
     """
 
     task_id: str
@@ -290,6 +291,7 @@ class TaskProjection:
     usage: Usage = field(default_factory=Usage)
     approvals: int = 0
     paused_round: int | None = None
+    tenant: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -335,6 +337,7 @@ class TaskProjection:
             usage=Usage.model_validate(row["usage"] or {}),
             approvals=row.get("approvals") or 0,
             paused_round=row.get("paused_round"),
+            tenant=row.get("tenant") or "",
         )
 
     def to_row(self) -> dict[str, Any]:
@@ -356,6 +359,7 @@ class TaskProjection:
             "last_seq": self.last_seq,
             "approvals": self.approvals,
             "paused_round": self.paused_round,
+            "tenant": self.tenant,
         }
 
 
@@ -399,8 +403,9 @@ def changes_projection(event: Event) -> bool:
 def _transition(p: TaskProjection, event: Event) -> TaskProjection:
     match event:
         case TaskSubmitted():
-            # The first event of a task; if it is applied late, it only fills in the goal.
-            return replace(p, goal=event.goal)
+            # The first event of a task; if it is applied late, it only fills in the goal
+            # and the tenant.
+            return replace(p, goal=event.goal, tenant=event.tenant)
         case PlanCreated():
             return _planned(p, event)
         case StepReady():

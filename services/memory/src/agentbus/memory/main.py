@@ -28,7 +28,7 @@ from .adapters.dsn import describe_dsn
 from .adapters.embeddings import Embedder, LocalEmbedder, OpenAIEmbedder
 from .adapters.vector_check import VectorExtensionBroken
 from .semantic import SemanticMemory
-from .usecases import EventRecorder, MemoryUseCases, SemanticQueries, TaskQueries
+from .usecases import EventRecorder, KeyQueries, MemoryUseCases, SemanticQueries, TaskQueries
 
 log = structlog.get_logger(__name__)
 
@@ -229,10 +229,12 @@ def create_app(
                 tracer=trace.get_tracer("agentbus.memory", tracer_provider=service.tracer_provider),
                 search_seconds=search_seconds,
             ),
+            keys=KeyQueries(db),
         )
         service.provide(routes.RECORDER, uses.recorder)
         service.provide(routes.TASKS, uses.tasks)
         service.provide(routes.SEMANTIC, uses.semantic)
+        service.provide(routes.KEYS, uses.keys)
         running.uses = uses
 
     async def stop_waiting() -> None:

@@ -1,6 +1,7 @@
 """What memory's use cases need from outside, and the errors those parts raise.
 
-The real parts: ``adapters.db.Database`` (the event log), ``semantic.SemanticMemory``
+The real parts: ``adapters.db.Database`` (the event log and the key store),
+``semantic.SemanticMemory``
 (the semantic index), ``adapters.deliveries`` (JetStream messages and dead letters).
 """
 
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
-from agentbus.contracts import MemorySaveRequest, MemorySearchRequest, StoredEvent
+from agentbus.contracts import KeyInfo, MemorySaveRequest, MemorySearchRequest, StoredEvent
 
 from . import domain
 
@@ -29,6 +30,10 @@ class TextTooLong(ValueError):
     """A text is longer than the model reads; the message gives its size and the limit."""
 
 
+class DuplicateKey(ValueError):
+    """A key with the same hash is stored already."""
+
+
 # --- ports ---------------------------------------------------------------------------
 
 
@@ -42,9 +47,10 @@ class EventLog(Protocol):
         ...
 
     async def task_history(
-        self, task_id: str
+        self, task_id: str, *, tenant: str | None = None
     ) -> tuple[domain.TaskProjection | None, list[StoredEvent]]:
-        """A task's projection (None if none yet) and its events in stream order."""
+        """A task's projection (None if none yet) and its events in stream order. With a
+        tenant, a task of another tenant (or of none) is (None, []), as an unknown one."""
         ...
 
     async def list_tasks(
@@ -54,18 +60,46 @@ class EventLog(Protocol):
         since: datetime | None,
         until: datetime | None,
         limit: int,
+        tenant: str | None = None,
     ) -> list[domain.TaskProjection]:
-        """Tasks submitted in [since, until), newest first, optionally of one status."""
+        """Tasks submitted in [since, until), newest first, optionally of one status and
+        only of one tenant."""
         ...
 
     async def costs(
-        self, *, since: datetime | None, until: datetime | None, top_tasks: int
+        self,
+        *,
+        since: datetime | None,
+        until: datetime | None,
+        top_tasks: int,
+        tenant: str | None = None,
     ) -> domain.CostReport:
-        """LLM spend of the tasks submitted in [since, until)."""
+        """LLM spend of the tasks submitted in [since, until), optionally of one tenant."""
         ...
 
     async def ping(self) -> bool:
         """True when the database answers ``SELECT 1``."""
+        ...
+
+
+class KeyStore(Protocol):
+    """The gateway's API keys, by the SHA-256 of each key (Postgres). Raises
+    ``DatabaseUnavailable`` when the database cannot answer."""
+
+    async def create_key(self, *, key_id: str, tenant: str, key_hash: str, prefix: str) -> KeyInfo:
+        """Store a new key; ``DuplicateKey`` if its hash is stored already."""
+        ...
+
+    async def list_keys(self, *, tenant: str | None) -> list[KeyInfo]:
+        """Every key (revoked ones too), optionally of one tenant, oldest first."""
+        ...
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key; False if it is unknown or revoked already."""
+        ...
+
+    async def verify_key(self, key_hash: str) -> KeyInfo | None:
+        """The key with this hash if it is not revoked; None otherwise."""
         ...
 
 

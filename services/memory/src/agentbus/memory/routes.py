@@ -14,7 +14,7 @@ from agentbus.contracts import subjects
 from agentbus.core.bus import events_stream, request_route
 
 from .adapters.deliveries import deliveries
-from .usecases import EventRecorder, SemanticQueries, TaskQueries
+from .usecases import EventRecorder, KeyQueries, SemanticQueries, TaskQueries
 
 if TYPE_CHECKING:
     from .main import Settings
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 RECORDER = "agentbus_memory_recorder"
 TASKS = "agentbus_memory_tasks"
 SEMANTIC = "agentbus_memory_semantic"
+KEYS = "agentbus_memory_keys"
 
 Recorder = Annotated[EventRecorder, Context(RECORDER)]
 BatchMessage = Annotated[NatsBatchMessage, Context("message")]
@@ -57,6 +58,30 @@ REQUESTS = (
         SemanticQueries.answer_search,
         SEMANTIC,
         "The memories nearest in meaning to a query, with filters.",
+    ),
+    (
+        subjects.MEMORY_KEYS_CREATE,
+        KeyQueries.answer_create,
+        KEYS,
+        "Store a new API key of a tenant: its SHA-256 and prefix, never the key.",
+    ),
+    (
+        subjects.MEMORY_KEYS_LIST,
+        KeyQueries.answer_list,
+        KEYS,
+        "The API keys (revoked ones too), of one tenant or all, oldest first.",
+    ),
+    (
+        subjects.MEMORY_KEYS_REVOKE,
+        KeyQueries.answer_revoke,
+        KEYS,
+        "Revoke an API key by its id: verify refuses it from then on.",
+    ),
+    (
+        subjects.MEMORY_KEYS_VERIFY,
+        KeyQueries.answer_verify,
+        KEYS,
+        "The key id and tenant of a key's SHA-256, if that key exists and is not revoked.",
     ),
 )
 

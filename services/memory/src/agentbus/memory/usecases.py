@@ -32,6 +32,14 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from agentbus.contracts import (
     CostsReply,
     CostsRequest,
+    KeyCreateReply,
+    KeyCreateRequest,
+    KeyListReply,
+    KeyListRequest,
+    KeyRevokeReply,
+    KeyRevokeRequest,
+    KeyVerifyReply,
+    KeyVerifyRequest,
     MemoryHit,
     MemorySaveReply,
     MemorySaveRequest,
@@ -42,6 +50,7 @@ from agentbus.contracts import (
     TaskHistoryRequest,
     TaskListReply,
     TaskListRequest,
+    new_id,
 )
 from agentbus.core import semconv
 from agentbus.core.progress import keep_in_progress
@@ -51,8 +60,10 @@ from .ports import (
     DatabaseUnavailable,
     DeadLetterSink,
     Delivery,
+    DuplicateKey,
     EmbeddingError,
     EventLog,
+    KeyStore,
     SemanticIndex,
     TextTooLong,
 )
@@ -186,7 +197,8 @@ def _steps(projection: domain.TaskProjection | None) -> list[StepSummary]:
 
 @dataclass(eq=False)
 class TaskQueries:
-    """Tasks as the event log describes them: history, lists, costs."""
+    """Tasks as the event log describes them: history, lists, costs. A request naming a
+    tenant sees only that tenant's tasks: another's task is an unknown task."""
 
     events: EventLog
 
@@ -198,7 +210,7 @@ class TaskQueries:
         """A task's summary, steps and events; an error reply (never silence) if that fails."""
         task_id = request.task_id
         try:
-            projection, events = await self.events.task_history(task_id)
+            projection, events = await self.events.task_history(task_id, tenant=request.tenant)
         except DatabaseUnavailable as exc:
             log.warning("task history failed", error=str(exc))
             return TaskHistoryReply(ok=False, error=f"cannot read task history: {exc}")
@@ -214,6 +226,7 @@ class TaskQueries:
                 since=request.since,
                 until=request.until,
                 limit=request.limit,
+                tenant=request.tenant,
             )
         except DatabaseUnavailable as exc:
             return TaskListReply(ok=False, error=f"cannot list tasks: {exc}")
@@ -222,7 +235,10 @@ class TaskQueries:
     async def answer_costs(self, request: CostsRequest) -> CostsReply:
         try:
             report = await self.events.costs(
-                since=request.since, until=request.until, top_tasks=request.top_tasks
+                since=request.since,
+                until=request.until,
+                top_tasks=request.top_tasks,
+                tenant=request.tenant,
             )
         except DatabaseUnavailable as exc:
             return CostsReply(ok=False, error=f"cannot total costs: {exc}")
@@ -232,6 +248,66 @@ class TaskQueries:
             by_model=report.model_usage(),
             by_task=report.costliest,
         )
+
+
+# --- API keys ------------------------------------------------------------------------
+
+# The refusal of a key that is not stored or was revoked (the gateway answers 401).
+UNKNOWN_KEY = "unknown or revoked key"
+
+
+@dataclass(eq=False)
+class KeyQueries:
+    """The gateway's API keys: created, listed and revoked by an operator (``agentbus
+    keys``), verified by the gateway. Only hashes arrive; neither a key nor its hash is
+    ever logged."""
+
+    keys: KeyStore
+
+    async def answer_create(self, request: KeyCreateRequest) -> KeyCreateReply:
+        try:
+            key = await self.keys.create_key(
+                key_id=new_id("key"),
+                tenant=request.tenant,
+                key_hash=request.key_hash,
+                prefix=request.prefix,
+            )
+        except DuplicateKey:
+            return KeyCreateReply(
+                ok=False, error="a key with this hash is stored already: generate a new key"
+            )
+        except DatabaseUnavailable as exc:
+            log.warning("key creation failed", error=str(exc))
+            return KeyCreateReply(ok=False, error=f"cannot create the key: {exc}")
+        log.info("api key created", key_id=key.key_id, tenant=key.tenant)
+        return KeyCreateReply(key=key)
+
+    async def answer_list(self, request: KeyListRequest) -> KeyListReply:
+        try:
+            keys = await self.keys.list_keys(tenant=request.tenant)
+        except DatabaseUnavailable as exc:
+            return KeyListReply(ok=False, error=f"cannot list keys: {exc}")
+        return KeyListReply(keys=keys)
+
+    async def answer_revoke(self, request: KeyRevokeRequest) -> KeyRevokeReply:
+        try:
+            revoked = await self.keys.revoke_key(request.key_id)
+        except DatabaseUnavailable as exc:
+            log.warning("key revocation failed", key_id=request.key_id, error=str(exc))
+            return KeyRevokeReply(ok=False, error=f"cannot revoke the key: {exc}")
+        if revoked:
+            log.info("api key revoked", key_id=request.key_id)
+        return KeyRevokeReply(revoked=revoked)
+
+    async def answer_verify(self, request: KeyVerifyRequest) -> KeyVerifyReply:
+        try:
+            key = await self.keys.verify_key(request.key_hash)
+        except DatabaseUnavailable as exc:
+            log.warning("key check failed", error=str(exc))
+            return KeyVerifyReply(ok=False, error=f"cannot check the key: {exc}")
+        if key is None:
+            return KeyVerifyReply(ok=False, refused=True, error=UNKNOWN_KEY)
+        return KeyVerifyReply(key_id=key.key_id, tenant=key.tenant)
 
 
 # --- semantic memory -----------------------------------------------------------------
@@ -312,3 +388,4 @@ class MemoryUseCases:
     recorder: EventRecorder
     tasks: TaskQueries
     semantic: SemanticQueries
+    keys: KeyQueries

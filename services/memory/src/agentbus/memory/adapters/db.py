@@ -1,5 +1,5 @@
-"""Postgres: start-up (retries, migrations, pool), the event log, task projections and
-the record of LLM calls.
+"""Postgres: start-up (retries, migrations, pool), the event log, task projections, the
+record of LLM calls and the gateway's API keys.
 
 The only module that imports asyncpg. Logic lives in ``agentbus.memory.domain``; this
 module reads and writes rows and keeps each event's effects in one transaction.
@@ -31,6 +31,7 @@ from tenacity import (
 
 from agentbus.contracts import (
     Event,
+    KeyInfo,
     LLMCalled,
     ModelUsage,
     StoredEvent,
@@ -41,7 +42,7 @@ from agentbus.contracts import (
 
 from .. import domain
 from ..domain import EventRecord, TaskProjection
-from ..ports import DatabaseUnavailable
+from ..ports import DatabaseUnavailable, DuplicateKey
 from .dsn import describe_dsn
 from .vector_check import check_vector_extension
 
@@ -402,23 +403,30 @@ class Database:
         since: datetime | None,
         until: datetime | None,
         limit: int,
+        tenant: str | None = None,
     ) -> list[TaskProjection]:
-        """Tasks submitted in [since, until), newest first, optionally of one status;
-        each with its spend so far (see :func:`_with_spend`)."""
+        """Tasks submitted in [since, until), newest first, optionally of one status and
+        one tenant; each with its spend so far (see :func:`_with_spend`)."""
         try:
             async with (
                 self._pool.acquire(timeout=10) as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
-                rows = await conn.fetch(_LIST_TASKS, status, since, until, limit)
+                rows = await conn.fetch(_LIST_TASKS, status, since, until, limit, tenant)
                 return await _with_spend(conn, [TaskProjection.from_row(r) for r in rows])
         except _DB_ERRORS as exc:
             raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def costs(
-        self, *, since: datetime | None, until: datetime | None, top_tasks: int
+        self,
+        *,
+        since: datetime | None,
+        until: datetime | None,
+        top_tasks: int,
+        tenant: str | None = None,
     ) -> domain.CostReport:
-        """LLM spend of the tasks submitted in [since, until): totals, by model, by task.
+        """LLM spend of the tasks submitted in [since, until), optionally of one tenant:
+        totals, by model, by task.
 
         Per task: the sum of its rows in ``llm_calls`` when it has any (every call of the
         planner and the executors), else the usage in its projection (see ``_SPEND``).
@@ -428,9 +436,9 @@ class Database:
                 self._pool.acquire(timeout=10) as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
-                count = await conn.fetchval(_COUNT_TASKS, since, until)
-                by_model = await conn.fetch(_COSTS_BY_MODEL, since, until)
-                top = await conn.fetch(_COSTLIEST_TASKS, since, until, top_tasks)
+                count = await conn.fetchval(_COUNT_TASKS, since, until, tenant)
+                by_model = await conn.fetch(_COSTS_BY_MODEL, since, until, tenant)
+                top = await conn.fetch(_COSTLIEST_TASKS, since, until, tenant, top_tasks)
         except _DB_ERRORS as exc:
             raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
         return domain.CostReport(
@@ -441,21 +449,62 @@ class Database:
 
     # --- reads -----------------------------------------------------------------------
 
-    async def task_history(self, task_id: str) -> tuple[TaskProjection | None, list[StoredEvent]]:
+    async def task_history(
+        self, task_id: str, *, tenant: str | None = None
+    ) -> tuple[TaskProjection | None, list[StoredEvent]]:
         """A task's projection (None if none yet) with its spend so far, and its stored
-        events in stream order."""
+        events in stream order. With ``tenant``, a task that is not that tenant's (or
+        has no projection yet, so no known tenant) is (None, []): an unknown task."""
         try:
             async with (
                 self._pool.acquire(timeout=10) as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
                 projection = await _load_projection(conn, task_id)
+                if tenant is not None and (projection is None or projection.tenant != tenant):
+                    return None, []
                 if projection is not None:
                     (projection,) = await _with_spend(conn, [projection])
                 rows = await conn.fetch(_TASK_EVENTS, task_id)
         except _DB_ERRORS as exc:
             raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
         return projection, [_stored_event(r) for r in rows]
+
+    # --- API keys (only hashes: a key never reaches memory) ---------------------------
+
+    async def create_key(self, *, key_id: str, tenant: str, key_hash: str, prefix: str) -> KeyInfo:
+        """Store a key; ``DuplicateKey`` if its hash is stored already."""
+        try:
+            row = await self._pool.fetchrow(_INSERT_KEY, key_id, tenant, key_hash, prefix)
+        except _DB_ERRORS as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if row is None:
+            raise DuplicateKey("a key with this hash is stored already")
+        return _key_info(row)
+
+    async def list_keys(self, *, tenant: str | None) -> list[KeyInfo]:
+        """Every key, revoked ones too, optionally of one tenant; oldest first."""
+        try:
+            rows = await self._pool.fetch(_LIST_KEYS, tenant)
+        except _DB_ERRORS as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return [_key_info(r) for r in rows]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key now; False if it is unknown or revoked already."""
+        try:
+            found = await self._pool.fetchval(_REVOKE_KEY, key_id)
+        except _DB_ERRORS as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return found is not None
+
+    async def verify_key(self, key_hash: str) -> KeyInfo | None:
+        """The key with this hash, if there is one and it is not revoked."""
+        try:
+            row = await self._pool.fetchrow(_VERIFY_KEY, key_hash)
+        except _DB_ERRORS as exc:
+            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return None if row is None else _key_info(row)
 
 
 # --- queries -------------------------------------------------------------------------
@@ -516,6 +565,7 @@ _TASK_COLUMNS = (
     "last_seq",
     "approvals",
     "paused_round",
+    "tenant",
 )
 
 _SELECT_TASK = f"SELECT {', '.join(_TASK_COLUMNS)} FROM tasks WHERE task_id = $1"  # noqa: S608
@@ -561,8 +611,10 @@ WHERE 1 - distance >= $6
 ORDER BY distance
 """
 
+# The tasks a costs query covers: submitted in [$1, $2), of tenant $3 when it is given.
 _IN_RANGE = (
     "($1::timestamptz IS NULL OR created_at >= $1) AND ($2::timestamptz IS NULL OR created_at < $2)"
+    " AND ($3::text IS NULL OR tenant = $3)"
 )
 
 _LIST_TASKS = f"""
@@ -570,6 +622,7 @@ SELECT {", ".join(_TASK_COLUMNS)} FROM tasks
 WHERE ($1::text IS NULL OR status = $1)
   AND ($2::timestamptz IS NULL OR created_at >= $2)
   AND ($3::timestamptz IS NULL OR created_at < $3)
+  AND ($5::text IS NULL OR tenant = $5)
 ORDER BY created_at DESC, task_id
 LIMIT $4
 """  # noqa: S608 - built from the constant column list above, no input
@@ -639,7 +692,7 @@ SELECT t.task_id, t.goal, t.status, t.created_at,
        jsonb_build_object('by_model', coalesce(p.by_model, '{{}}'::jsonb)) AS usage
 FROM tasks AS t JOIN in_range USING (task_id) LEFT JOIN per_task AS p USING (task_id)
 ORDER BY coalesce(p.cost_usd, 0) DESC, t.created_at DESC
-LIMIT $3
+LIMIT $4
 """  # noqa: S608 - constant fragments only
 
 
@@ -667,6 +720,41 @@ async def _with_spend(
         replace(p, usage=Usage(by_model=spent[p.task_id])) if p.task_id in spent else p
         for p in projections
     ]
+
+
+_KEY_COLUMNS = "key_id, tenant, prefix, created_at, revoked_at"
+
+# ON CONFLICT on the hash only: a duplicate hash is a refusal, not an error.
+_INSERT_KEY = f"""
+INSERT INTO api_keys (key_id, tenant, key_hash, prefix) VALUES ($1, $2, $3, $4)
+ON CONFLICT (key_hash) DO NOTHING
+RETURNING {_KEY_COLUMNS}
+"""  # noqa: S608 - constant fragments only
+
+_LIST_KEYS = f"""
+SELECT {_KEY_COLUMNS} FROM api_keys
+WHERE ($1::text IS NULL OR tenant = $1)
+ORDER BY created_at, key_id
+"""  # noqa: S608 - constant fragments only
+
+_REVOKE_KEY = """
+UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL
+RETURNING key_id
+"""
+
+_VERIFY_KEY = f"""
+SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL
+"""  # noqa: S608 - constant fragments only
+
+
+def _key_info(row: asyncpg.Record) -> KeyInfo:
+    return KeyInfo(
+        key_id=row["key_id"],
+        tenant=row["tenant"],
+        prefix=row["prefix"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )
 
 
 def _call_columns(calls: Sequence[LLMCalled]) -> list[list[Any]]:
