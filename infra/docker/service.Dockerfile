@@ -1,4 +1,4 @@
-# One image recipe for every agentbus service: planner, executor, sandbox, memory.
+# One image recipe for every agentbus service: planner, executor, sandbox, memory, gateway.
 #
 #   docker build -f infra/docker/service.Dockerfile --build-arg SERVICE=planner \
 #       -t agentbus-service-planner .
@@ -37,8 +37,8 @@ RUN pip install ./libs/contracts ./libs/core
 
 ARG SERVICE
 RUN case "$SERVICE" in \
-        planner|executor|sandbox|memory) ;; \
-        *) echo "build with --build-arg SERVICE=planner|executor|sandbox|memory (got '$SERVICE')" >&2; exit 1 ;; \
+        planner|executor|sandbox|memory|gateway) ;; \
+        *) echo "build with --build-arg SERVICE=planner|executor|sandbox|memory|gateway (got '$SERVICE')" >&2; exit 1 ;; \
     esac
 
 # No default on purpose: unset means PyPI only (see the top of this file).

@@ -32,7 +32,7 @@ DASHBOARD = GRAFANA / "dashboards" / "agentbus.json"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "agentbus.yaml"
 DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "agentbus.yaml"
 
-AGENTBUS_SERVICES = ("planner", "executor", "sandbox", "memory")
+AGENTBUS_SERVICES = ("planner", "executor", "sandbox", "memory", "gateway")
 INFRA_SERVICES = ("nats", "postgres", "jaeger", "prometheus", "grafana")
 SCALABLE = ("executor", "sandbox")
 DOCKER_SOCKET = "/var/run/docker.sock"
@@ -162,7 +162,7 @@ def _published_ports(service: dict[str, Any]) -> list[str]:
 # --- the compose file ---------------------------------------------------------------------
 
 
-def test_all_nine_services_are_defined(services: dict[str, dict[str, Any]]) -> None:
+def test_all_ten_services_are_defined(services: dict[str, dict[str, Any]]) -> None:
     assert set(services) == {*INFRA_SERVICES, *AGENTBUS_SERVICES}
 
 

@@ -51,6 +51,7 @@ from .ledger import (
 from .lifecycle import SHOWN_STATUSES, TERMINAL_STATUSES, StepStatus, TaskStatus
 from .models import (
     Budget,
+    BudgetAddition,
     BudgetKind,
     ModelUsage,
     OnBudget,
@@ -117,6 +118,7 @@ __all__ = [
     "AnyEvent",
     "ApproveTask",
     "Budget",
+    "BudgetAddition",
     "BudgetExhausted",
     "BudgetFigure",
     "BudgetKind",

@@ -14,6 +14,7 @@ from pydantic import Field, TypeAdapter
 
 from .models import (
     Budget,
+    BudgetAddition,
     BudgetKind,
     Contract,
     ModelUsage,
@@ -212,16 +213,11 @@ class BudgetExhausted(Event):
     round: int = Field(0, ge=0, description="How many approvals the task had before this.")
 
 
-class TaskApproved(Event):
+class TaskApproved(Event, BudgetAddition):
     """A person (or any client) lets a paused task go on, with more budget."""
 
     event_type: ClassVar[str] = "task.approved"
     type: Literal["task.approved"] = "task.approved"
-    add_cost_usd: float = Field(0, ge=0, description="US dollars added to the cost budget.")
-    add_tokens: int = Field(0, ge=0, description="Tokens added to the token budget.")
-    add_llm_calls: int = Field(0, ge=0, description="LLM calls added.")
-    add_sandbox_cpu_seconds: float = Field(0, ge=0, description="Sandbox CPU-seconds added.")
-    add_wall_seconds: float = Field(0, ge=0, description="Seconds added to the time limit.")
     approved_by: str = Field("cli", max_length=200, description="Who approved.")
 
 

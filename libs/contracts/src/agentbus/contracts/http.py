@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .models import Budget, Contract
+from .models import Budget, BudgetAddition, Contract
 from .rpc import StepSummary, TaskSummary
 
 
@@ -37,12 +37,8 @@ class CancelTask(Contract):
     reason: str = Field("cancelled by user", max_length=2000, description="Why to stop.")
 
 
-class ApproveTask(Contract):
-    add_cost_usd: float = Field(0, ge=0, description="US dollars added to the cost budget.")
-    add_tokens: int = Field(0, ge=0, description="Tokens added to the token budget.")
-    add_llm_calls: int = Field(0, ge=0, description="LLM calls added.")
-    add_sandbox_cpu_seconds: float = Field(0, ge=0, description="Sandbox CPU-seconds added.")
-    add_wall_seconds: float = Field(0, ge=0, description="Seconds added to the time limit.")
+class ApproveTask(BudgetAddition):
+    """The body of ``POST /v1/tasks/{id}/approve``: what to add (as ``TaskApproved``)."""
 
 
 class Accepted(Contract):

@@ -50,6 +50,16 @@ class Contract(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class BudgetAddition(Contract):
+    """More budget for a task: what an approval adds to each limit."""
+
+    add_cost_usd: float = Field(0, ge=0, description="US dollars added to the cost budget.")
+    add_tokens: int = Field(0, ge=0, description="Tokens added to the token budget.")
+    add_llm_calls: int = Field(0, ge=0, description="LLM calls added.")
+    add_sandbox_cpu_seconds: float = Field(0, ge=0, description="Sandbox CPU-seconds added.")
+    add_wall_seconds: float = Field(0, ge=0, description="Seconds added to the time limit.")
+
+
 class ModelUsage(Contract):
     prompt_tokens: int = Field(0, ge=0, description="Input tokens billed.")
     completion_tokens: int = Field(0, ge=0, description="Output tokens billed.")
