@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from agentbus.contracts import (
     KeyCreateReply,
@@ -23,6 +25,7 @@ from agentbus.contracts import (
     KeyListRequest,
     KeyRevokeReply,
     KeyRevokeRequest,
+    Reply,
     describe_validation,
     subjects,
 )
@@ -54,6 +57,19 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     revoke.set_defaults(handler=revoke_command)
 
 
+R = TypeVar("R", bound=Reply)
+
+
+async def _ask(subject: str, request: Callable[[], BaseModel], reply_type: type[R]) -> R | int:
+    """Build the request from the arguments (a bad one exits 2, memory is not asked),
+    then ask memory (``ask_memory``: its reply, or the exit code)."""
+    try:
+        built = request()
+    except ValidationError as exc:
+        return _bad(exc)
+    return await ask_memory(subject, built, reply_type)
+
+
 def _bad(exc: ValidationError) -> int:
     print(f"agentbus: {describe_validation(exc)}", file=sys.stderr)
     return EXIT_BAD_ARGUMENT
@@ -65,11 +81,11 @@ def _when(at: datetime | None) -> str:
 
 async def create_command(args: argparse.Namespace) -> int:
     key, key_hash, prefix = new_key()
-    try:
-        request = KeyCreateRequest(tenant=args.tenant, key_hash=key_hash, prefix=prefix)
-    except ValidationError as exc:
-        return _bad(exc)
-    reply = await ask_memory(subjects.MEMORY_KEYS_CREATE, request, KeyCreateReply)
+    reply = await _ask(
+        subjects.MEMORY_KEYS_CREATE,
+        lambda: KeyCreateRequest(tenant=args.tenant, key_hash=key_hash, prefix=prefix),
+        KeyCreateReply,
+    )
     if isinstance(reply, int):
         return reply
     if reply.key is None:
@@ -83,11 +99,9 @@ async def create_command(args: argparse.Namespace) -> int:
 
 
 async def list_command(args: argparse.Namespace) -> int:
-    try:
-        request = KeyListRequest(tenant=args.tenant)
-    except ValidationError as exc:
-        return _bad(exc)
-    reply = await ask_memory(subjects.MEMORY_KEYS_LIST, request, KeyListReply)
+    reply = await _ask(
+        subjects.MEMORY_KEYS_LIST, lambda: KeyListRequest(tenant=args.tenant), KeyListReply
+    )
     if isinstance(reply, int):
         return reply
     if args.json:
@@ -108,11 +122,9 @@ async def list_command(args: argparse.Namespace) -> int:
 
 
 async def revoke_command(args: argparse.Namespace) -> int:
-    try:
-        request = KeyRevokeRequest(key_id=args.key_id)
-    except ValidationError as exc:
-        return _bad(exc)
-    reply = await ask_memory(subjects.MEMORY_KEYS_REVOKE, request, KeyRevokeReply)
+    reply = await _ask(
+        subjects.MEMORY_KEYS_REVOKE, lambda: KeyRevokeRequest(key_id=args.key_id), KeyRevokeReply
+    )
     if isinstance(reply, int):
         return reply
     if not reply.revoked:

@@ -289,12 +289,7 @@ class ServiceGroup:
                 port = free_port() if self.http else 0
                 proc = subprocess.Popen(
                     [sys.executable, "-m", SERVICE_MODULES[name]],
-                    env={
-                        **env,
-                        "AGENTBUS_REPLICA": str(index),
-                        "AGENTBUS_HTTP_PORT": str(port),
-                        "AGENTBUS_GATEWAY_PORT": str(port),  # the gateway's API is its HTTP
-                    },
+                    env={**env, "AGENTBUS_REPLICA": str(index), "AGENTBUS_HTTP_PORT": str(port)},
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,

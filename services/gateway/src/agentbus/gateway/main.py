@@ -43,8 +43,17 @@ _PROBLEM_JSON = "application/problem+json"
 class Settings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTBUS_GATEWAY_", extra="ignore")
 
-    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in containers).")
-    port: int = Field(8080, ge=0, le=65535, description="Port of the HTTP API.")
+    port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of the HTTP API (its /metrics, /healthz, /readyz too). Unset: "
+        "AGENTBUS_HTTP_PORT, as every service's HTTP endpoint, or 8080 when that is 0.",
+    )
+
+    def listen_port(self) -> int:
+        return self.port or self.http.port or 8080
+
     max_body_bytes: int = Field(
         256 * 1024, ge=1024, description="Largest request body; a larger one gets a 413."
     )
@@ -189,8 +198,8 @@ def main() -> None:
     level = logging.getLevelName(settings.log.level.upper())
     config = uvicorn.Config(
         create_app(settings),
-        host=settings.host,
-        port=settings.port,
+        host=settings.http.host,  # AGENTBUS_HTTP_HOST, as every service
+        port=settings.listen_port(),
         log_config=None,  # our structlog set-up handles uvicorn's loggers
         log_level=level if isinstance(level, int) else logging.INFO,
         lifespan="on",
